@@ -1,0 +1,318 @@
+"""The driver loop: turns searcher suggestions and scheduler decisions into work on the pool.
+
+The runner is the only place that mutates trials. It feeds results to the searcher and the
+scheduler, acts on their decisions, retries failed trials from their last checkpoint, and
+queues every change for the store, which it flushes at least every ``FLUSH_INTERVAL_S``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dtune.runtime import Event, EventKind, WorkerHandle, WorkerPool
+from dtune.tune.schedulers import Decision, Scheduler
+from dtune.tune.search import Searcher
+from dtune.tune.store import FLUSH_INTERVAL_S, ExperimentStore
+from dtune.tune.trainable import TrialSpec
+from dtune.tune.trial import Trial, TrialStatus
+
+__all__ = ["MetricNotReportedError", "RunnerConfig", "TrialRunner"]
+
+log = logging.getLogger(__name__)
+
+TASK_KEY = "trial"
+StopCriterion = Mapping[str, float] | Callable[[str, dict[str, Any]], bool] | None
+
+
+class MetricNotReportedError(ValueError):
+    """The trials finished without ever reporting the metric the search optimises."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    metric: str
+    mode: str
+    num_samples: int
+    experiment_dir: str
+    stop: StopCriterion = None
+    max_failures: int = 0
+    keep_checkpoints_num: int | None = None
+
+
+class TrialRunner:
+    """Runs trials on a pool until the searcher is exhausted and every trial has finished."""
+
+    def __init__(
+        self,
+        *,
+        config: RunnerConfig,
+        pool: WorkerPool,
+        store: ExperimentStore,
+        searcher: Searcher,
+        scheduler: Scheduler,
+        trials: list[Trial] | None = None,
+        on_progress: Callable[[TrialRunner], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.store = store
+        self.searcher = searcher
+        self.scheduler = scheduler
+        self.trials: list[Trial] = list(trials or [])
+        self._by_id = {t.trial_id: t for t in self.trials}
+        self._waiting = [t for t in self.trials if t.status in (TrialStatus.PENDING, TrialStatus.PAUSED)]
+        self._running: dict[str, WorkerHandle] = {}
+        self._metric_seen = any(t.last_result and config.metric in t.last_result for t in self.trials)
+        self._warned_nonfinite = False
+        self._old_checkpoints: list[str] = []
+        self._checkpoints: dict[str, list[str]] = {}
+        self._last_flush = time.monotonic()
+        self._on_progress = on_progress
+        self._results_this_run: dict[str, int] = {}
+        self.num_results = 0
+        self.started_at = time.monotonic()
+        self.should_stop: Callable[[], bool] = lambda: False
+
+    # -- main loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self.should_stop():
+                self._fill_slots()
+                if not self._running:
+                    if self._waiting:
+                        raise RuntimeError(
+                            f"{len(self._waiting)} trials are waiting but the scheduler chose none "
+                            "while nothing runs; the scheduler cannot make progress."
+                        )
+                    break
+                timeout = max(0.0, self._last_flush + FLUSH_INTERVAL_S - time.monotonic())
+                for event in self.pool.wait(timeout):
+                    self._handle(event)
+                self._maybe_flush()
+        finally:
+            self.flush()
+
+    def interrupt(self) -> None:
+        """Leave running trials resumable (PENDING, restart from their last checkpoint)."""
+        for trial_id in list(self._running):
+            trial = self._by_id[trial_id]
+            trial.status = TrialStatus.PENDING
+            self.store.update_trial(trial)
+        self._running.clear()
+        self.flush()
+
+    # -- starting work ---------------------------------------------------------------------------
+    def _fill_slots(self) -> None:
+        for worker in self.pool.idle():
+            trial = self.scheduler.choose_next(self._waiting) if self._waiting else None
+            if trial is None:
+                trial = self._new_trial()
+            if trial is None:
+                return
+            self._start(trial, worker)
+
+    def _new_trial(self) -> Trial | None:
+        if len(self.trials) >= self.config.num_samples or self.searcher.is_finished:
+            return None
+        trial_id = f"{len(self.trials):05d}"
+        config = self.searcher.suggest(trial_id)
+        if config is None:
+            if not self._running and not self.searcher.is_finished:
+                raise RuntimeError(
+                    f"{type(self.searcher).__name__}.suggest() returned no config while no trial "
+                    "is running, so no result can ever unblock it."
+                )
+            return None
+        trial = Trial(trial_id, config)
+        self.trials.append(trial)
+        self._by_id[trial_id] = trial
+        self.store.add_trial(trial)
+        self.scheduler.on_trial_add(trial)
+        return trial
+
+    def _start(self, trial: Trial, worker: WorkerHandle) -> None:
+        if trial in self._waiting:
+            self._waiting.remove(trial)
+        checkpoint, start_iteration = trial.checkpoint, trial.checkpoint_iteration
+        if trial.restore_from is not None:
+            checkpoint = trial.restore_from
+            start_iteration = int(trial.extra.get("restore_iteration", trial.checkpoint_iteration))
+        time_offset = float((trial.last_result or {}).get("time_total_s", 0.0)) if checkpoint else 0.0
+        spec = TrialSpec(
+            trial.trial_id,
+            trial.config,
+            self.config.experiment_dir,
+            checkpoint,
+            start_iteration if checkpoint else 0,
+            time_offset,
+        )
+        trial.status = TrialStatus.RUNNING
+        trial.stop_requested = trial.pause_requested = False
+        trial.restore_from = None
+        self._results_this_run[trial.trial_id] = 0
+        self.pool.submit(worker, trial.trial_id, TASK_KEY, (spec,))
+        self._running[trial.trial_id] = worker
+        self.store.update_trial(trial)
+
+    # -- events ----------------------------------------------------------------------------------
+    def _handle(self, event: Event) -> None:
+        trial = self._by_id[event.task_id] if event.task_id is not None else None
+        if trial is None:
+            return
+        for result, checkpoint in event.items:
+            self._on_result(trial, result, checkpoint, event.worker)
+        if event.kind is EventKind.DONE:
+            self._running.pop(trial.trial_id, None)
+            if self._results_this_run.get(trial.trial_id, 0) == 0:
+                self._on_failure(
+                    trial,
+                    "The trainable returned without calling dtune.report(); report at least one "
+                    "result (the metric the search optimises) before returning.",
+                    retry=False,
+                )
+            elif event.value == "pause":
+                trial.status = TrialStatus.PAUSED
+                self._waiting.append(trial)
+                self.store.update_trial(trial)
+            else:
+                self._complete(trial)
+        elif event.kind in (EventKind.ERROR, EventKind.DIED):
+            self._running.pop(trial.trial_id, None)
+            self._on_failure(trial, str(event.value), retry=True)
+
+    def _on_result(
+        self, trial: Trial, result: dict[str, Any], checkpoint: str | None, worker: WorkerHandle
+    ) -> None:
+        self.num_results += 1
+        trial.num_results += 1
+        self._results_this_run[trial.trial_id] = self._results_this_run.get(trial.trial_id, 0) + 1
+        trial.last_result = result
+        metric_value = result.get(self.config.metric)
+        if metric_value is not None:
+            self._metric_seen = True
+            if not self._warned_nonfinite and not (
+                isinstance(metric_value, (int, float)) and math.isfinite(metric_value)
+            ):
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"Trial {trial.trial_id} reported {self.config.metric}={metric_value!r}; "
+                    "non-finite or non-numeric values are stored and ranked worst (warned once).",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
+        if checkpoint is not None:
+            trial.checkpoint = checkpoint
+            trial.checkpoint_iteration = int(result["training_iteration"])
+            self._track_checkpoint(trial.trial_id, checkpoint)
+        self.store.add_result(trial.trial_id, result, checkpoint)
+        self.store.update_trial(trial)
+        if trial.stop_requested or trial.pause_requested:
+            return  # emitted before our decision reached the trial: recorded, not re-decided
+        self.searcher.on_result(trial.trial_id, result)
+        decision = self.scheduler.on_result(trial, result)
+        if not isinstance(decision, Decision):
+            raise TypeError(
+                f"{type(self.scheduler).__name__}.on_result returned {decision!r}; "
+                "it must return a dtune.schedulers.Decision."
+            )
+        if decision is Decision.CONTINUE and self._should_stop(trial.trial_id, result):
+            decision = Decision.STOP
+        if decision is Decision.STOP:
+            trial.stop_requested = True
+            self.pool.control(worker, "stop")
+        elif decision is Decision.PAUSE:
+            trial.pause_requested = True
+            self.pool.control(worker, "pause")
+
+    def _should_stop(self, trial_id: str, result: dict[str, Any]) -> bool:
+        stop = self.config.stop
+        if stop is None:
+            return False
+        if callable(stop):
+            return bool(stop(trial_id, result))
+        return any(key in result and result[key] >= threshold for key, threshold in stop.items())
+
+    def _complete(self, trial: Trial) -> None:
+        trial.status = TrialStatus.TERMINATED
+        self.store.update_trial(trial)
+        self.scheduler.on_trial_complete(trial, trial.last_result)
+        self.searcher.on_complete(trial.trial_id, trial.last_result)
+        if not self._metric_seen:
+            keys = ", ".join(sorted(trial.last_result or {}))
+            raise MetricNotReportedError(
+                f"The metric {self.config.metric!r} was never reported: trial {trial.trial_id} "
+                f"finished after reporting only: {keys}. Report {self.config.metric!r} with "
+                "dtune.report() or pass one of these as `metric=`."
+            )
+
+    def _on_failure(self, trial: Trial, error: str, *, retry: bool) -> None:
+        trial.error = error
+        if retry and trial.num_failures < self.config.max_failures:
+            trial.num_failures += 1
+            log.warning(
+                "Trial %s failed (%d of %d retries); restarting it from %s.",
+                trial.trial_id,
+                trial.num_failures,
+                self.config.max_failures,
+                trial.checkpoint or "the beginning",
+            )
+            self.restart_from_checkpoint(trial)
+            return
+        trial.status = TrialStatus.ERROR
+        self.store.update_trial(trial)
+        log.error("Trial %s errored:\n%s", trial.trial_id, error)
+        self.scheduler.on_trial_error(trial)
+        self.searcher.on_complete(trial.trial_id, trial.last_result, error=True)
+
+    def restart_from_checkpoint(self, trial: Trial) -> None:
+        """Make ``trial`` PENDING, first in line; results past its checkpoint are dropped and come again."""
+        trial.status = TrialStatus.PENDING
+        if trial in self._waiting:
+            self._waiting.remove(trial)
+        self._waiting.insert(0, trial)
+        self.store.update_trial(trial)
+        self.flush()
+        self.store.truncate_results(trial.trial_id, trial.checkpoint_iteration)
+        history = self.store.results(trial.trial_id)
+        trial.num_results = len(history)
+        trial.last_result = history[-1] if history else None
+
+    # -- durability ------------------------------------------------------------------------------
+    def _track_checkpoint(self, trial_id: str, path: str) -> None:
+        keep = self.config.keep_checkpoints_num
+        if keep is None:
+            return
+        paths = self._checkpoints.setdefault(trial_id, [])
+        if path not in paths:
+            paths.append(path)
+        while len(paths) > keep:
+            self._old_checkpoints.append(paths.pop(0))
+
+    def _maybe_flush(self) -> None:
+        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
+            self.flush()
+            if self._on_progress is not None:
+                self._on_progress(self)
+
+    def flush(self) -> None:
+        """Make every queued change durable, with consistent searcher and scheduler state."""
+        self.store.put_meta("searcher_state", self.searcher.get_state())
+        self.store.put_meta("scheduler_state", self.scheduler.get_state())
+        self.store.flush()
+        self._last_flush = time.monotonic()
+        for path in self._old_checkpoints:  # deleted only once a newer one is durable
+            shutil.rmtree(path, ignore_errors=True)
+        self._old_checkpoints.clear()
+
+    def counts(self) -> dict[TrialStatus, int]:
+        counts = dict.fromkeys(TrialStatus, 0)
+        for trial in self.trials:
+            counts[trial.status] += 1
+        return counts

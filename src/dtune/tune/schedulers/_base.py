@@ -1,0 +1,75 @@
+"""The scheduler contract: schedulers decide, the runner acts."""
+
+from __future__ import annotations
+
+import enum
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+from dtune.tune.trial import Trial, TrialStatus
+
+__all__ = ["Decision", "Scheduler"]
+
+
+class Decision(enum.Enum):
+    """What a scheduler wants done with a trial after one of its results."""
+
+    CONTINUE = "CONTINUE"
+    PAUSE = "PAUSE"  # checkpoint, free the slot, and wait to be chosen again
+    STOP = "STOP"  # finish the trial now (it counts as TERMINATED, not as an error)
+
+
+class Scheduler:
+    """Decides, result by result, whether trials go on, pause or stop, and which runs next.
+
+    Subclasses override what they need; every hook has a no-op default. A scheduler sees
+    :class:`~dtune.tune.trial.Trial` objects read-only and never reaches into the runner or the
+    store. ``metric`` and ``mode`` are set once by :func:`dtune.run` through
+    :meth:`set_properties` unless the scheduler was given its own.
+    """
+
+    metric: str | None = None
+    mode: str | None = None
+
+    def set_properties(self, metric: str, mode: str) -> None:
+        if self.metric is None:
+            self.metric = metric
+        if self.mode is None:
+            self.mode = mode
+
+    def on_trial_add(self, trial: Trial) -> None:
+        """A new trial was created (it is PENDING)."""
+
+    def on_result(self, trial: Trial, result: dict[str, Any]) -> Decision:
+        """A running trial reported ``result``; say what to do with it."""
+        return Decision.CONTINUE
+
+    def on_trial_complete(self, trial: Trial, result: dict[str, Any] | None) -> None:
+        """The trial finished (returned, or was stopped); ``result`` is its last one."""
+
+    def on_trial_error(self, trial: Trial) -> None:
+        """The trial failed for good (no retries left)."""
+
+    def choose_next(self, trials: Sequence[Trial]) -> Trial | None:
+        """Pick the trial to run in a free slot among PENDING and PAUSED ones (FIFO order)."""
+        paused = None
+        for trial in trials:
+            if trial.status is TrialStatus.PENDING:
+                return trial
+            if paused is None and trial.status is TrialStatus.PAUSED and self.can_resume(trial):
+                paused = trial
+        return paused
+
+    def can_resume(self, trial: Trial) -> bool:
+        """Whether a PAUSED trial may run again now (HyperBand waits for its rung to fill)."""
+        return True
+
+    def get_state(self) -> bytes:
+        """Everything needed to carry on after a driver crash (the store persists it)."""
+        return bytes(cloudpickle.dumps(self.__dict__))
+
+    def set_state(self, state: bytes) -> None:
+        self.__dict__.update(pickle.loads(state))

@@ -1,0 +1,72 @@
+"""Grid search: the cartesian product of every ``grid()`` value, repeated ``num_samples`` times."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from dtune.tune.search._base import Searcher
+from dtune.tune.spaces import grid_keys, resolve
+
+__all__ = ["Grid"]
+
+
+class Grid(Searcher):
+    """Enumerates grid points; other domains in the space are sampled at random per point.
+
+    With ``num_samples=n`` every grid point is run ``n`` times (Ray Tune's convention), so the
+    number of trials is ``n`` times the product of the grid sizes.
+
+    Example:
+        >>> import dtune
+        >>> space = {"lr": dtune.grid([0.1, 0.01]), "width": dtune.grid([32, 64])}
+        >>> searcher = dtune.search.Grid()  # 4 configs per sample
+    """
+
+    supports_grid = True
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self._space: Mapping[str, Any] = {}
+        self._points: list[dict[tuple[str, ...], Any]] = []
+        self._next = 0
+
+    def set_search_properties(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        param_space: Mapping[str, Any],
+        num_samples: int,
+        seed: int | None,
+    ) -> None:
+        super().set_search_properties(
+            metric=metric, mode=mode, param_space=param_space, num_samples=num_samples, seed=seed
+        )
+        if self.seed is None and seed is not None:
+            self.seed = seed
+            self._rng = random.Random(seed)
+        self._space = param_space
+        grids = grid_keys(param_space)
+        product = itertools.product(*(leaf.values for _, leaf in grids))
+        points = [dict(zip((path for path, _ in grids), values, strict=True)) for values in product]
+        self._points = points * num_samples
+
+    @property
+    def total(self) -> int:
+        """How many configs this searcher will suggest in all."""
+        return len(self._points)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._next >= len(self._points):
+            return None
+        point = self._points[self._next]
+        self._next += 1
+        return resolve(self._space, self._rng, fixed=point)
+
+    @property
+    def is_finished(self) -> bool:
+        return self._next >= len(self._points)

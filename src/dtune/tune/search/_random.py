@@ -1,0 +1,55 @@
+"""Random search: independent draws from the param space with a seeded, owned generator."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from dtune.tune.search._base import Searcher
+from dtune.tune.spaces import resolve
+
+__all__ = ["Random"]
+
+
+class Random(Searcher):
+    """Samples ``num_samples`` configs independently.
+
+    Example:
+        >>> import dtune
+        >>> searcher = dtune.search.Random(seed=0)
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self._space: Mapping[str, Any] = {}
+        self._remaining = 0
+
+    def set_search_properties(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        param_space: Mapping[str, Any],
+        num_samples: int,
+        seed: int | None,
+    ) -> None:
+        super().set_search_properties(
+            metric=metric, mode=mode, param_space=param_space, num_samples=num_samples, seed=seed
+        )
+        if self.seed is None and seed is not None:
+            self.seed = seed
+            self._rng = random.Random(seed)
+        self._space = param_space
+        self._remaining = num_samples
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self._remaining <= 0:
+            return None
+        self._remaining -= 1
+        return resolve(self._space, self._rng)
+
+    @property
+    def is_finished(self) -> bool:
+        return self._remaining <= 0

@@ -1,0 +1,174 @@
+"""End-to-end tests of dtune.run with real worker processes."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from pathlib import Path
+
+import pytest
+
+import dtune
+from dtune.tune.runner import MetricNotReportedError
+from dtune.tune.schedulers import Decision, Scheduler
+from dtune.tune.trial import TrialStatus
+from tests.tune import _trainables as T
+
+
+def _run(trainable, tmp_path, **kwargs):
+    kwargs.setdefault("param_space", {"x": dtune.uniform(0, 1)})
+    kwargs.setdefault("metric", "score")
+    kwargs.setdefault("mode", "max")
+    return dtune.run(trainable, storage=tmp_path / "exp", verbose=0, seed=0, **kwargs)
+
+
+def test_search_finds_best_and_records_everything(tmp_path):
+    results = _run(T.quadratic, tmp_path, metric="loss", mode="min", num_samples=12)
+    assert len(results) == 12 and all(t.status is TrialStatus.TERMINATED for t in results)
+    best = results.best
+    assert best.metrics["loss"] == min(t.metrics["loss"] for t in results)
+    assert [r["training_iteration"] for r in best.metrics_history] == [1, 2, 3]
+    frame = results.dataframe()
+    assert len(frame) == 12 and {"config/x", "loss", "trial_id"} <= set(frame.columns)
+    assert results.get_best(scope="all").trial_id == best.trial_id
+
+
+def test_class_trainable_checkpoints_on_schedule_and_at_end(tmp_path):
+    results = _run(T.Counter, tmp_path, param_space={"scale": dtune.grid([1, 10])}, metric="n")
+    assert sorted(t.metrics["n"] for t in results) == [5, 50]
+    checkpoint = results.best.checkpoint
+    assert checkpoint is not None and Path(checkpoint.path, "n").read_text() == "5"
+    assert len(list(Path(results.best.path).glob("checkpoint_*"))) == 3  # steps 2, 4 and 5 (done)
+
+
+def test_stop_criterion_reaches_a_trial_at_its_next_report_and_frees_the_slot(tmp_path):
+    results = _run(T.forever, tmp_path, num_samples=3, max_concurrent=1, stop={"training_iteration": 5})
+    assert all(t.status is TrialStatus.TERMINATED for t in results)
+    # the decision travels asynchronously: a few more results may be emitted before it lands
+    assert all(5 <= t.metrics["training_iteration"] < 100 for t in results)
+
+
+class StopAtFirst(Scheduler):
+    def on_result(self, trial, result):
+        return Decision.STOP
+
+
+def test_scheduler_stop_is_not_an_error(tmp_path):
+    results = _run(T.forever, tmp_path, num_samples=2, scheduler=StopAtFirst())
+    assert [t.status for t in results] == [TrialStatus.TERMINATED] * 2
+
+
+class ReturnsString(Scheduler):
+    def on_result(self, trial, result):
+        return "STOP"
+
+
+def test_decisions_must_be_the_enum(tmp_path):
+    with pytest.raises(TypeError, match="must return a dtune.schedulers.Decision"):
+        _run(T.forever, tmp_path, num_samples=1, scheduler=ReturnsString())
+
+
+def test_error_is_stored_with_traceback(tmp_path):
+    results = _run(T.checkpointed, tmp_path, param_space={"steps": 5, "fail_at": 2})
+    (trial,) = results.errors
+    assert "RuntimeError: planned failure at step 2" in trial.error
+    assert trial.metrics["training_iteration"] == 2
+
+
+@pytest.mark.parametrize("how", ["raise", "sigkill"])
+def test_failed_trial_is_retried_from_its_last_checkpoint(tmp_path, how):
+    results = _run(
+        T.checkpointed, tmp_path, param_space={"steps": 5, "fail_at": 3, "how": how}, max_failures=1
+    )
+    (trial,) = results.trials
+    assert trial.status is TrialStatus.TERMINATED
+    assert [r["training_iteration"] for r in trial.metrics_history] == [1, 2, 3, 4, 5]
+    assert Path(trial.path, "starts").read_text().split() == ["0", "3"]
+    if how == "sigkill":
+        assert "SIGKILL" in trial.error
+
+
+def test_trainable_that_never_reports_is_an_error_naming_the_cause(tmp_path):
+    results = _run(T.never_reports, tmp_path, num_samples=1, max_failures=3)
+    (trial,) = results.errors
+    assert "without calling dtune.report()" in trial.error
+
+
+def test_returned_dict_is_the_final_report(tmp_path):
+    results = _run(T.returns_dict, tmp_path, num_samples=3)
+    assert all(t.metrics["score"] == 2 * t.config["x"] for t in results)
+
+
+def test_metric_never_reported_names_the_reported_keys(tmp_path):
+    with pytest.raises(MetricNotReportedError, match="'score' was never reported.*accuracy, loss"):
+        _run(T.wrong_metric, tmp_path, num_samples=4)
+
+
+def test_non_finite_metrics_are_stored_ranked_worst_and_warned_once(tmp_path):
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
+        results = _run(T.reports_nan, tmp_path, metric="loss", mode="min", num_samples=10)
+    assert len([w for w in caught if "non-finite" in str(w.message)]) == 1
+    assert any(math.isnan(t.metrics["loss"]) for t in results)
+    assert not math.isnan(results.best.metrics["loss"])
+
+
+def test_context_names_the_trial(tmp_path):
+    results = _run(T.record_context, tmp_path, num_samples=2)
+    for trial in results:
+        assert Path(trial.path, "context").read_text() == f"{trial.trial_id} {trial.config['x']}"
+
+
+def test_concurrency_is_bounded_by_max_concurrent(tmp_path):
+    results = _run(T.timed, tmp_path, num_samples=4, max_concurrent=1, metric="end")
+    spans = sorted((t.metrics["start"], t.metrics["end"]) for t in results)
+    assert all(prev_end <= start for (_, prev_end), (start, _) in itertools.pairwise(spans))
+
+
+def test_unpicklable_trainable_says_what_could_not_be_pickled(tmp_path):
+    lock = threading.Lock()
+
+    def uses_lock(config):
+        with lock:
+            dtune.report({"score": 1})
+
+    with pytest.raises(TypeError, match="'uses_lock' must be sent to worker processes.*lock"):
+        _run(uses_lock, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"mode": "maximize"}, ValueError, "`mode` is 'maximize', but must be 'min' or 'max'"),
+        ({"num_samples": 0}, ValueError, "`num_samples` is 0, but must be an integer >= 1"),
+        (
+            {"param_space": {"x": dtune.grid([1, 2])}, "search": dtune.search.Random()},
+            ValueError,
+            "cannot enumerate a grid",
+        ),
+        ({"param_space": {"x": dtune.uniform(2, 1)}}, ValueError, r"param_space\['x'\]"),
+        ({"max_failures": -1}, ValueError, "`max_failures` is -1"),
+        ({"metric": ""}, TypeError, "`metric`"),
+    ],
+)
+def test_bad_arguments_fail_before_anything_runs(tmp_path, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _run(T.quadratic, tmp_path, **kwargs)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_report_outside_a_trial_says_where_to_call_it():
+    with pytest.raises(RuntimeError, match=r"dtune.report\(\) was called outside a trial"):
+        dtune.report({"x": 1})
+    with pytest.raises(RuntimeError, match="outside a trial"):
+        dtune.get_checkpoint()
+
+
+def test_storage_holding_an_experiment_is_refused_unless_resumed(tmp_path):
+    _run(T.quadratic, tmp_path, metric="loss", mode="min", num_samples=2)
+    with pytest.raises(ValueError, match="already holds a dtune experiment.*resume=True"):
+        _run(T.quadratic, tmp_path, metric="loss", mode="min", num_samples=2)
+    with pytest.raises(ValueError, match="different experiment.*metric, mode"):
+        _run(T.quadratic, tmp_path, metric="score", mode="max", num_samples=2, resume=True)
+    again = _run(T.quadratic, tmp_path, metric="loss", mode="min", num_samples=2, resume=True)
+    assert len(again) == 2  # finished trials are not rerun
