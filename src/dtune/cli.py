@@ -86,6 +86,7 @@ def _export(args: argparse.Namespace) -> int:
                 "last_result": trial.last_result,
                 "checkpoint": trial.checkpoint,
                 "error": trial.error,
+                "lineage": trial.extra.get("lineage", []),
                 "history": store.results(trial.trial_id) if args.history else None,
             }
         )

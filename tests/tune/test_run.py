@@ -11,7 +11,7 @@ import pytest
 
 import dtune
 from dtune.tune.runner import MetricNotReportedError
-from dtune.tune.schedulers import Decision, Scheduler
+from dtune.tune.schedulers import Decision, Scheduler, TrialSuggestion
 from dtune.tune.trial import TrialStatus
 from tests.tune import _trainables as T
 
@@ -172,3 +172,36 @@ def test_storage_holding_an_experiment_is_refused_unless_resumed(tmp_path):
         _run(T.quadratic, tmp_path, metric="score", mode="max", num_samples=2, resume=True)
     again = _run(T.quadratic, tmp_path, metric="loss", mode="min", num_samples=2, resume=True)
     assert len(again) == 2  # finished trials are not rerun
+
+
+class PauseThenExploit(Scheduler):
+    """Pauses every trial at iteration 2; trial 00001 then continues from 00000's checkpoint."""
+
+    def on_result(self, trial, result):
+        return Decision.PAUSE if result["training_iteration"] == 2 else Decision.CONTINUE
+
+    def choose_next(self, trials):
+        paused = {t.trial_id: t for t in trials if t.status is TrialStatus.PAUSED}
+        if len(paused) < 2:
+            return super().choose_next([t for t in trials if t.status is TrialStatus.PENDING])
+        donor, trial = paused["00000"], paused["00001"]
+        self.choose_next = super().choose_next  # only once
+        return TrialSuggestion.resume(trial, config={**trial.config, "x": 100.0}, donor=donor)
+
+
+def test_paused_trials_resume_and_can_continue_from_a_donor_checkpoint(tmp_path):
+    results = _run(
+        T.checkpointed, tmp_path, param_space={"steps": 8, "sleep": 0.05, "x": dtune.grid([0.0, 1.0])},
+        scheduler=PauseThenExploit(), max_concurrent=2,
+    )  # fmt: skip
+    by_id = {t.trial_id: t for t in results}
+    assert all(t.status is TrialStatus.TERMINATED for t in results)
+    assert [r["training_iteration"] for r in by_id["00000"].metrics_history] == list(range(1, 9))
+    exploited = by_id["00001"]
+    (entry,) = exploited.lineage
+    assert entry["donor"] == "00000" and entry["config"]["x"] == 100.0 and entry["old_config"]["x"] == 1.0
+    k = entry["donor_iteration"]  # the pause lands at iteration 2 or a little later
+    tail = [r for r in exploited.metrics_history if r["score"] >= 100]
+    assert [r["training_iteration"] for r in tail] == list(range(k + 1, 9))
+    assert all(r["score"] == 99 + r["training_iteration"] for r in tail)
+    assert Path(exploited.path, "starts").read_text().split() == ["0", str(k)]

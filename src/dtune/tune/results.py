@@ -36,6 +36,7 @@ class TrialResult:
     error: str | None
     checkpoint: Checkpoint | None
     path: str
+    lineage: list[dict[str, Any]]
     _store: ExperimentStore
 
     @property
@@ -74,6 +75,7 @@ class Results:
             error=trial.error,
             checkpoint=Checkpoint(trial.checkpoint) if trial.checkpoint else None,
             path=str(Path(self.experiment_path, "trials", trial.trial_id)),
+            lineage=list(trial.extra.get("lineage", [])),
             _store=self._store,
         )
 

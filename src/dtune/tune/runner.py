@@ -14,10 +14,11 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dtune.runtime import Event, EventKind, WorkerHandle, WorkerPool
-from dtune.tune.schedulers import Decision, Scheduler
+from dtune.tune.schedulers import Decision, Scheduler, TrialSuggestion
 from dtune.tune.search import Searcher
 from dtune.tune.store import FLUSH_INTERVAL_S, ExperimentStore
 from dtune.tune.trainable import TrialSpec
@@ -75,7 +76,6 @@ class TrialRunner:
         self._checkpoints: dict[str, list[str]] = {}
         self._last_flush = time.monotonic()
         self._on_progress = on_progress
-        self._results_this_run: dict[str, int] = {}
         self.num_results = 0
         self.started_at = time.monotonic()
         self.should_stop: Callable[[], bool] = lambda: False
@@ -111,12 +111,18 @@ class TrialRunner:
     # -- starting work ---------------------------------------------------------------------------
     def _fill_slots(self) -> None:
         for worker in self.pool.idle():
-            trial = self.scheduler.choose_next(self._waiting) if self._waiting else None
-            if trial is None:
+            suggestion = self.scheduler.choose_next(self._waiting) if self._waiting else None
+            if suggestion is None:
                 trial = self._new_trial()
-            if trial is None:
+                suggestion = None if trial is None else TrialSuggestion.start(trial)
+            if suggestion is None:
                 return
-            self._start(trial, worker)
+            if not isinstance(suggestion, TrialSuggestion):
+                raise TypeError(
+                    f"{type(self.scheduler).__name__}.choose_next returned {suggestion!r}; it must "
+                    "return a dtune.schedulers.TrialSuggestion or None."
+                )
+            self._start(suggestion, worker)
 
     def _new_trial(self) -> Trial | None:
         if len(self.trials) >= self.config.num_samples or self.searcher.is_finished:
@@ -137,26 +143,46 @@ class TrialRunner:
         self.scheduler.on_trial_add(trial)
         return trial
 
-    def _start(self, trial: Trial, worker: WorkerHandle) -> None:
+    def _apply(self, suggestion: TrialSuggestion) -> None:
+        """Give the trial its new config and/or a copy of the donor's checkpoint; record it."""
+        trial, donor = suggestion.trial, suggestion.donor
+        if suggestion.config is None and donor is None:
+            return
+        entry: dict[str, Any] = {"iteration": trial.iteration, "old_config": trial.config}
+        if donor is not None:
+            if donor.checkpoint is None:
+                raise ValueError(
+                    f"Trial {donor.trial_id} has no checkpoint yet, so it cannot be exploited from."
+                )
+            target = Path(self.config.experiment_dir, "trials", trial.trial_id)
+            target = target / f"checkpoint_{donor.checkpoint_iteration:06d}_from_{donor.trial_id}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(donor.checkpoint, target)
+            trial.checkpoint, trial.checkpoint_iteration = str(target), donor.checkpoint_iteration
+            self._track_checkpoint(trial.trial_id, str(target))
+            entry.update(donor=donor.trial_id, donor_iteration=donor.checkpoint_iteration)
+        if suggestion.config is not None:
+            trial.config = dict(suggestion.config)
+        entry["config"] = trial.config
+        trial.extra.setdefault("lineage", []).append(entry)
+
+    def _start(self, suggestion: TrialSuggestion, worker: WorkerHandle) -> None:
+        trial = suggestion.trial
         if trial in self._waiting:
             self._waiting.remove(trial)
-        checkpoint, start_iteration = trial.checkpoint, trial.checkpoint_iteration
-        if trial.restore_from is not None:
-            checkpoint = trial.restore_from
-            start_iteration = int(trial.extra.get("restore_iteration", trial.checkpoint_iteration))
+        self._apply(suggestion)
+        checkpoint = trial.checkpoint
         time_offset = float((trial.last_result or {}).get("time_total_s", 0.0)) if checkpoint else 0.0
         spec = TrialSpec(
             trial.trial_id,
             trial.config,
             self.config.experiment_dir,
             checkpoint,
-            start_iteration if checkpoint else 0,
+            trial.checkpoint_iteration if checkpoint else 0,
             time_offset,
         )
         trial.status = TrialStatus.RUNNING
         trial.stop_requested = trial.pause_requested = False
-        trial.restore_from = None
-        self._results_this_run[trial.trial_id] = 0
         self.pool.submit(worker, trial.trial_id, TASK_KEY, (spec,))
         self._running[trial.trial_id] = worker
         self.store.update_trial(trial)
@@ -170,7 +196,7 @@ class TrialRunner:
             self._on_result(trial, result, checkpoint, event.worker)
         if event.kind is EventKind.DONE:
             self._running.pop(trial.trial_id, None)
-            if self._results_this_run.get(trial.trial_id, 0) == 0:
+            if trial.num_results == 0:
                 self._on_failure(
                     trial,
                     "The trainable returned without calling dtune.report(); report at least one "
@@ -192,7 +218,6 @@ class TrialRunner:
     ) -> None:
         self.num_results += 1
         trial.num_results += 1
-        self._results_this_run[trial.trial_id] = self._results_this_run.get(trial.trial_id, 0) + 1
         trial.last_result = result
         metric_value = result.get(self.config.metric)
         if metric_value is not None:

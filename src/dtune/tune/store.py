@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 CREATE TABLE IF NOT EXISTS trials (
     trial_id TEXT PRIMARY KEY, position INTEGER, config BLOB, config_json TEXT, status TEXT,
     error TEXT, num_failures INTEGER, checkpoint TEXT, checkpoint_iteration INTEGER,
-    last_result TEXT, num_results INTEGER, restore_from TEXT, extra BLOB
+    last_result TEXT, num_results INTEGER, extra BLOB
 );
 CREATE TABLE IF NOT EXISTS results (
     trial_id TEXT, iteration INTEGER, data TEXT, checkpoint TEXT
@@ -90,7 +90,7 @@ class ExperimentStore:
                 self._db.executemany("INSERT INTO results VALUES (?, ?, ?, ?)", self._results)
             if rows:
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
+                    "INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows
                 )
             if self._meta:
                 self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(self._meta.items()))
@@ -121,7 +121,6 @@ class ExperimentStore:
             t.checkpoint_iteration,
             None if t.last_result is None else _json(t.last_result),
             t.num_results,
-            t.restore_from,
             pickle.dumps(t.extra),
         )
 
@@ -140,7 +139,7 @@ class ExperimentStore:
     def load_trials(self) -> list[Trial]:
         rows = self._db.execute(
             "SELECT trial_id, config, status, error, num_failures, checkpoint, checkpoint_iteration, "
-            "last_result, num_results, restore_from, extra FROM trials ORDER BY position"
+            "last_result, num_results, extra FROM trials ORDER BY position"
         ).fetchall()
         trials = []
         for row in rows:
@@ -154,8 +153,7 @@ class ExperimentStore:
                 checkpoint_iteration=row[6],
                 last_result=None if row[7] is None else json.loads(row[7]),
                 num_results=row[8],
-                restore_from=row[9],
-                extra=pickle.loads(row[10]) if row[10] else {},
+                extra=pickle.loads(row[9]) if row[9] else {},
             )
             self._positions[trial.trial_id] = len(self._positions)
             trials.append(trial)

@@ -41,7 +41,6 @@ class Trial:
     checkpoint_iteration: int = 0
     num_failures: int = 0
     error: str | None = None
-    restore_from: str | None = None  # a checkpoint to start from instead of our own (PBT)
     stop_requested: bool = False
     pause_requested: bool = False
     extra: dict[str, Any] = field(default_factory=dict)

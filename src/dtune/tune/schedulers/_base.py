@@ -5,13 +5,14 @@ from __future__ import annotations
 import enum
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
 from dtune.tune.trial import Trial, TrialStatus
 
-__all__ = ["Decision", "Scheduler"]
+__all__ = ["Decision", "Scheduler", "TrialSuggestion"]
 
 
 class Decision(enum.Enum):
@@ -20,6 +21,35 @@ class Decision(enum.Enum):
     CONTINUE = "CONTINUE"
     PAUSE = "PAUSE"  # checkpoint, free the slot, and wait to be chosen again
     STOP = "STOP"  # finish the trial now (it counts as TERMINATED, not as an error)
+
+
+@dataclass(frozen=True)
+class TrialSuggestion:
+    """Work a scheduler wants done in a free slot: run ``trial``, possibly changed.
+
+    ``config`` replaces the trial's config (PBT's explore); ``donor`` makes the trial continue
+    from the donor's newest durable checkpoint instead of its own (PBT's exploit). The runner
+    copies that checkpoint into the trial's directory, so the donor may delete its own later,
+    and records the change in ``trial.extra["lineage"]``.
+    """
+
+    trial: Trial
+    config: dict[str, Any] | None = None
+    donor: Trial | None = None
+
+    @classmethod
+    def start(cls, trial: Trial) -> TrialSuggestion:
+        """Run a PENDING trial as it is."""
+        return cls(trial)
+
+    @classmethod
+    def resume(
+        cls, trial: Trial, *, config: dict[str, Any] | None = None, donor: Trial | None = None
+    ) -> TrialSuggestion:
+        """Continue a PAUSED trial, optionally with a new config and/or a donor's checkpoint."""
+        if donor is not None and donor.checkpoint is None:
+            raise ValueError(f"Trial {donor.trial_id} has no checkpoint yet, so it cannot be exploited from.")
+        return cls(trial, config, donor)
 
 
 class Scheduler:
@@ -53,15 +83,18 @@ class Scheduler:
     def on_trial_error(self, trial: Trial) -> None:
         """The trial failed for good (no retries left)."""
 
-    def choose_next(self, trials: Sequence[Trial]) -> Trial | None:
-        """Pick the trial to run in a free slot among PENDING and PAUSED ones (FIFO order)."""
+    def choose_next(self, trials: Sequence[Trial]) -> TrialSuggestion | None:
+        """Pick what runs in a free slot among PENDING and PAUSED trials (first PENDING first).
+
+        Returning None while trials wait lets the searcher start a new trial instead.
+        """
         paused = None
         for trial in trials:
             if trial.status is TrialStatus.PENDING:
-                return trial
+                return TrialSuggestion.start(trial)
             if paused is None and trial.status is TrialStatus.PAUSED and self.can_resume(trial):
                 paused = trial
-        return paused
+        return None if paused is None else TrialSuggestion.resume(paused)
 
     def can_resume(self, trial: Trial) -> bool:
         """Whether a PAUSED trial may run again now (HyperBand waits for its rung to fill)."""
