@@ -150,3 +150,18 @@ def test_unpicklable_function_error_says_what():
 def test_size_must_be_positive():
     with pytest.raises(ValueError, match="`size` is 0"):
         WorkerPool(0)
+
+
+def test_killed_worker_is_never_handed_out_again():
+    pool = WorkerPool(1)
+    try:
+        pool.register("emit", _emit_n)
+        victim = pool.workers[0]
+        pool.kill(victim)  # idle, yet dying: must not receive the next task
+        assert pool.idle() == []
+        events = _collect(pool, 1)
+        assert events[-1].kind is EventKind.DIED and events[-1].task_id is None
+        pool.submit(pool.idle()[0], "after", "emit", (2,))
+        assert _collect(pool, 1)[-1].value == "ok"
+    finally:
+        pool.shutdown()

@@ -14,11 +14,19 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["Channel", "ExitRequested"]
+__all__ = ["Channel", "ExitRequested", "current_channel"]
 
 _BATCH_WINDOW_S = 0.002
 _MAX_BATCH = 512
 _CONTROL_POLL_S = 0.001
+
+
+_current: Channel | None = None
+
+
+def current_channel() -> Channel | None:
+    """The channel of the task running in this worker process, if any."""
+    return _current
 
 
 class ExitRequested(BaseException):
@@ -42,12 +50,16 @@ class Channel:
 
     # -- used by the worker loop -------------------------------------------------------------
     def begin(self, task_id: Any) -> None:
+        global _current
+        _current = self
         self._task_id = task_id
         self._control = None
         self._last_send = 0.0
 
     def send_message(self, message: tuple[Any, ...]) -> None:
-        """Send one message now, after everything buffered (which it carries along)."""
+        """Send the task's last message now, after everything buffered (which it carries along)."""
+        global _current
+        _current = None
         with self._lock:
             items, self._buffer = self._buffer, []
             self._conn.send_bytes(pickle.dumps((*message[:2], items, *message[2:]), protocol=5))

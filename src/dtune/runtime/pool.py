@@ -78,6 +78,7 @@ class WorkerHandle:
     index: int
     task_id: Any = None
     started_at: float = field(default_factory=time.monotonic)
+    killed: bool = False  # kill() was called: never idle again; a replacement takes its place
 
     @property
     def pid(self) -> int:
@@ -153,12 +154,18 @@ class WorkerPool:
 
     def kill(self, handle: WorkerHandle) -> None:
         """Kill a worker (e.g. stuck in a task); a DIED event follows and it is replaced."""
+        handle.killed = True
         if handle.process.poll() is None:
             handle.process.kill()
 
     # -- tasks -----------------------------------------------------------------------------------
+    @property
+    def replacing(self) -> bool:
+        """Whether a killed worker is still to be replaced (the next wait() does it)."""
+        return any(h.killed for h in self.workers)
+
     def idle(self) -> list[WorkerHandle]:
-        return [h for h in self.workers if h.task_id is None]
+        return [h for h in self.workers if h.task_id is None and not h.killed]
 
     def submit(self, handle: WorkerHandle, task_id: Any, key: str, args: tuple[Any, ...]) -> None:
         if handle.task_id is not None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import cloudpickle
 
-from dtune.runtime import WorkerPool
+from dtune.runtime import GroupTask, WorkerPool
 from dtune.runtime.pool import dumps_for_worker
 from dtune.tune.progress import Progress
 from dtune.tune.resources import Resources
@@ -149,7 +149,7 @@ def run(
         metric=metric, mode=mode, param_space=param_space, num_samples=num_samples, seed=seed
     )
     scheduler.set_properties(metric, mode)
-    task = TrialTask(trainable)
+    task = GroupTask(TrialTask(trainable))
     task_blob = dumps_for_worker(task, f"The trainable {_trainable_name(trainable)!r}")
 
     experiment_dir = _experiment_dir(storage, name, trainable)
@@ -193,12 +193,13 @@ def run(
         slots = min(slots, max_concurrent)
 
     progress = Progress(verbose, metric, mode, str(experiment_dir))
-    pool = WorkerPool(slots, env=resources.worker_env())
+    pool = WorkerPool(slots * resources.workers, env=resources.worker_env())
     pool.register_pickled(TASK_KEY, task_blob)
     runner = TrialRunner(
         config=RunnerConfig(
             metric=metric, mode=mode, num_samples=max_trials, experiment_dir=str(experiment_dir),
             stop=stop, max_failures=max_failures, keep_checkpoints_num=keep_checkpoints_num,
+            workers_per_trial=resources.workers, collective_timeout_s=resources.collective_timeout_s,
         ),
         pool=pool, store=store, searcher=search, scheduler=scheduler, trials=trials,
         on_progress=progress.update,

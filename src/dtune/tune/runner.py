@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtune.runtime import Event, EventKind, WorkerHandle, WorkerPool
+from dtune.runtime import Event, WorkerGroup, WorkerHandle, WorkerPool
 from dtune.tune.schedulers import Decision, Scheduler, TrialSuggestion
 from dtune.tune.search import Searcher
 from dtune.tune.store import FLUSH_INTERVAL_S, ExperimentStore
@@ -45,6 +45,8 @@ class RunnerConfig:
     stop: StopCriterion = None
     max_failures: int = 0
     keep_checkpoints_num: int | None = None
+    workers_per_trial: int = 1
+    collective_timeout_s: float = 300.0
 
 
 class TrialRunner:
@@ -69,7 +71,7 @@ class TrialRunner:
         self.trials: list[Trial] = list(trials or [])
         self._by_id = {t.trial_id: t for t in self.trials}
         self._waiting = [t for t in self.trials if t.status in (TrialStatus.PENDING, TrialStatus.PAUSED)]
-        self._running: dict[str, WorkerHandle] = {}
+        self._running: dict[str, WorkerGroup] = {}
         self._metric_seen = any(t.last_result and config.metric in t.last_result for t in self.trials)
         self._warned_nonfinite = False
         self._old_checkpoints: list[str] = []
@@ -85,7 +87,7 @@ class TrialRunner:
         try:
             while not self.should_stop():
                 self._fill_slots()
-                if not self._running:
+                if not self._running and not self.pool.replacing:
                     if self._waiting:
                         raise RuntimeError(
                             f"{len(self._waiting)} trials are waiting but the scheduler chose none "
@@ -110,7 +112,10 @@ class TrialRunner:
 
     # -- starting work ---------------------------------------------------------------------------
     def _fill_slots(self) -> None:
-        for worker in self.pool.idle():
+        size = self.config.workers_per_trial
+        idle = self.pool.idle()
+        while len(idle) >= size:
+            workers, idle = idle[:size], idle[size:]
             suggestion = self.scheduler.choose_next(self._waiting) if self._waiting else None
             if suggestion is None:
                 trial = self._new_trial()
@@ -122,7 +127,7 @@ class TrialRunner:
                     f"{type(self.scheduler).__name__}.choose_next returned {suggestion!r}; it must "
                     "return a dtune.schedulers.TrialSuggestion or None."
                 )
-            self._start(suggestion, worker)
+            self._start(suggestion, workers)
 
     def _new_trial(self) -> Trial | None:
         if len(self.trials) >= self.config.num_samples or self.searcher.is_finished:
@@ -166,7 +171,7 @@ class TrialRunner:
         entry["config"] = trial.config
         trial.extra.setdefault("lineage", []).append(entry)
 
-    def _start(self, suggestion: TrialSuggestion, worker: WorkerHandle) -> None:
+    def _start(self, suggestion: TrialSuggestion, workers: list[WorkerHandle]) -> None:
         trial = suggestion.trial
         if trial in self._waiting:
             self._waiting.remove(trial)
@@ -183,19 +188,26 @@ class TrialRunner:
         )
         trial.status = TrialStatus.RUNNING
         trial.stop_requested = trial.pause_requested = False
-        self.pool.submit(worker, trial.trial_id, TASK_KEY, (spec,))
-        self._running[trial.trial_id] = worker
+        group = WorkerGroup(trial.trial_id, workers, timeout_s=self.config.collective_timeout_s)
+        group.start(self.pool, TASK_KEY, (spec,))
+        self._running[trial.trial_id] = group
         self.store.update_trial(trial)
 
     # -- events ----------------------------------------------------------------------------------
     def _handle(self, event: Event) -> None:
-        trial = self._by_id[event.task_id] if event.task_id is not None else None
-        if trial is None:
+        if event.task_id is None:
             return
+        trial = self._by_id[event.task_id[0]]
+        group = self._running[trial.trial_id]
         for result, checkpoint in event.items:
-            self._on_result(trial, result, checkpoint, event.worker)
-        if event.kind is EventKind.DONE:
-            self._running.pop(trial.trial_id, None)
+            self._on_result(trial, result, checkpoint, group)
+        if not group.handle(self.pool, event):
+            return  # other ranks are still running (or being taken down)
+        del self._running[trial.trial_id]
+        if group.failure is not None:
+            self._on_failure(trial, group.failure[1], retry=True)
+        else:
+            value = group.value(0)
             if trial.num_results == 0:
                 self._on_failure(
                     trial,
@@ -203,18 +215,15 @@ class TrialRunner:
                     "result (the metric the search optimises) before returning.",
                     retry=False,
                 )
-            elif event.value == "pause":
+            elif value == "pause":
                 trial.status = TrialStatus.PAUSED
                 self._waiting.append(trial)
                 self.store.update_trial(trial)
             else:
                 self._complete(trial)
-        elif event.kind in (EventKind.ERROR, EventKind.DIED):
-            self._running.pop(trial.trial_id, None)
-            self._on_failure(trial, str(event.value), retry=True)
 
     def _on_result(
-        self, trial: Trial, result: dict[str, Any], checkpoint: str | None, worker: WorkerHandle
+        self, trial: Trial, result: dict[str, Any], checkpoint: str | None, group: WorkerGroup
     ) -> None:
         self.num_results += 1
         trial.num_results += 1
@@ -251,10 +260,10 @@ class TrialRunner:
             decision = Decision.STOP
         if decision is Decision.STOP:
             trial.stop_requested = True
-            self.pool.control(worker, "stop")
+            group.control(self.pool, "stop")
         elif decision is Decision.PAUSE:
             trial.pause_requested = True
-            self.pool.control(worker, "pause")
+            group.control(self.pool, "pause")
 
     def _should_stop(self, trial_id: str, result: dict[str, Any]) -> bool:
         stop = self.config.stop

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtune.runtime import current_channel, distributed
 from dtune.tune.checkpoint import Checkpoint
 
 __all__ = ["TrialContext", "TrialInterrupted", "get_checkpoint", "get_context", "report"]
 
 _PLAIN = (int, float, str, bool, type(None))
+_CONTROLS = (None, "stop", "pause")
 
 
 class TrialInterrupted(BaseException):
@@ -82,6 +84,8 @@ class _Session:
         self.iteration = start_iteration
         self.start = time.monotonic() - time_offset
         self.last = time.monotonic()
+        self.rank = distributed.rank()
+        self.world_size = distributed.world_size()
 
     def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None) -> None:
         if not isinstance(metrics, Mapping):
@@ -98,13 +102,18 @@ class _Session:
         result["time_this_iter_s"] = now - self.last
         result["time_total_s"] = now - self.start
         self.last = now
-        path = None
-        if checkpoint is not None:
-            target = Path(self.experiment_dir, "trials", self.trial_id, f"checkpoint_{self.iteration:06d}")
-            self.checkpoint = checkpoint.write_to(target)
-            path = self.checkpoint.path
-        self.channel.emit((result, path), urgent=path is not None)
-        control = self.channel.control()
+        if self.rank == 0:
+            path = None
+            if checkpoint is not None:
+                target = Path(
+                    self.experiment_dir, "trials", self.trial_id, f"checkpoint_{self.iteration:06d}"
+                )
+                self.checkpoint = checkpoint.write_to(target)
+                path = self.checkpoint.path
+            self.channel.emit((result, path), urgent=path is not None)
+        control = self.channel.control() if self.rank == 0 else None
+        if self.world_size > 1:  # every rank stops or pauses at the same report
+            control = _CONTROLS[distributed.broadcast_int(_CONTROLS.index(control))]
         if control is not None:
             raise TrialInterrupted(control)
 
@@ -130,12 +139,25 @@ def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> 
     ``training_iteration``, ``time_this_iter_s`` and ``time_total_s`` are added. If the scheduler
     has decided to stop or pause the trial, this raises :class:`TrialInterrupted`, which dtune
     handles; do not catch it.
+
+    In a trial of several workers every rank must call ``report`` at the same points: rank 0's
+    metrics and checkpoint are kept, the other ranks' are ignored (average them into rank 0's
+    metrics yourself if you want them), and a stop or pause reaches all ranks at the same call.
+    Under ``dtune.train.launch`` (no search), rank 0's metrics are collected by ``launch``.
     """
+    if _current is None:
+        channel = current_channel()
+        if channel is not None:  # dtune.train.launch: no trial, the launcher collects results
+            if distributed.rank() == 0:
+                channel.emit({key: _plain(value) for key, value in metrics.items()})
+            return
     _session("report").report(metrics, checkpoint)
 
 
 def get_checkpoint() -> Checkpoint | None:
     """The checkpoint to continue from: None on a first start, the newest one after a restore."""
+    if _current is None and current_channel() is not None:
+        return None  # dtune.train.launch starts from scratch
     return _session("get_checkpoint").checkpoint
 
 

@@ -10,7 +10,7 @@ machine. The workloads mirror Ray's own Tune scalability release tests, scaled t
 
 Must run under the Ray virtualenv made by ``setup_ray_venv.sh``::
 
-    benchmarks/.venv-ray/bin/python benchmarks/anchors/ray_tune_workloads.py bookkeeping \
+    benchmarks/.venv-ray/bin/python benchmarks/workloads/ray_tune_workloads.py bookkeeping \
         --trials 1000 --out results/ray_bookkeeping.json
 
 The JSON written to ``--out`` holds timings in seconds. ``t_total`` runs from the first line
@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _proc_tree import PeakRSSSampler
 
 # Tune reads these when the Tuner runs; set them before Ray is imported to be safe.

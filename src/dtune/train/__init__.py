@@ -1,0 +1,30 @@
+"""Distributed data-parallel training: worker groups, strategies, sharding.
+
+A training loop meets this layer through :func:`prepare` (and :func:`shard`, :func:`context`);
+it runs standalone with :func:`launch` or as one trial of a search with
+``dtune.run(..., resources=dtune.Resources(workers=N))``. This layer knows nothing of trials.
+"""
+
+from dtune.train._allreduce import AllReduce, CommHookProvider
+from dtune.train._local_sgd import LocalSGD
+from dtune.train.context import TrainContext, context
+from dtune.train.launch import LaunchResult, WorkerGroupError, launch
+from dtune.train.prepare import prepare, strategy_of, unwrap
+from dtune.train.shard import shard
+from dtune.train.strategy import Strategy
+
+__all__ = [
+    "AllReduce",
+    "CommHookProvider",
+    "LaunchResult",
+    "LocalSGD",
+    "Strategy",
+    "TrainContext",
+    "WorkerGroupError",
+    "context",
+    "launch",
+    "prepare",
+    "shard",
+    "strategy_of",
+    "unwrap",
+]
