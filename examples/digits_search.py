@@ -1,10 +1,11 @@
 """Search learning rate, width, weight decay and batch size of an MLP on scikit-learn's digits.
 
-The main job of the README: a real search (32 trials by default) with a live progress table,
-every result and checkpoint kept in a durable experiment directory. Interrupt it with Ctrl-C and
-continue with ``dtune resume DIR``.
+The main job of the README: a real search (32 trials by default) in which every trial is a
+data-parallel group of 2 worker processes (gloo, gradients all-reduced), with a live progress
+table and every result and checkpoint kept in a durable experiment directory. Interrupt it with
+Ctrl-C and continue with ``dtune resume DIR``.
 
-    python examples/digits_search.py [--samples 32] [--epochs 20] [--storage runs/digits]
+    python examples/digits_search.py [--samples 32] [--epochs 20] [--workers 2] [--storage DIR]
 """
 
 from __future__ import annotations
@@ -30,11 +31,18 @@ def load_digits_split(seed: int = 0) -> tuple[Any, Any, Any, Any]:
 
 
 def train_digits(config: dict[str, Any]) -> None:
-    """One trial: train an MLP for ``config["epochs"]`` epochs, reporting accuracy every epoch."""
+    """One trial: train an MLP for ``config["epochs"]`` epochs, reporting accuracy every epoch.
+
+    The same function runs on one process or on every rank of a worker group: ``train.prepare``
+    averages gradients across ranks and ``train.shard`` gives each rank its share of the batches
+    (``batch_size`` is per rank).
+    """
     import torch
     from torch import nn
 
-    torch.manual_seed(config.get("seed", 0))
+    from dtune import train
+
+    torch.manual_seed(config.get("seed", 0))  # same seed on every rank: same initial model
     x_train, y_train, x_val, y_val = load_digits_split()
     model = nn.Sequential(nn.Linear(64, config["width"]), nn.ReLU(), nn.Linear(config["width"], 10))
     optimizer = torch.optim.SGD(
@@ -42,16 +50,18 @@ def train_digits(config: dict[str, Any]) -> None:
     )
     start = 0
     checkpoint = dtune.get_checkpoint()
-    if checkpoint is not None:  # resumed after a crash, an interruption or a failure
+    if checkpoint is not None:  # resumed after a crash, an interruption, a failure or a pause
         state = checkpoint.to_dict()
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
+    model, optimizer = train.prepare(model, optimizer, strategy=train.AllReduce())
+    ctx = train.context()
     for epoch in range(start, config["epochs"]):
         model.train()
-        order = torch.randperm(len(x_train))
-        for i in range(0, len(order), config["batch_size"]):
-            batch = order[i : i + config["batch_size"]]
+        order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(epoch))
+        batches = order.split(config["batch_size"])
+        for batch in train.shard(batches):
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
             loss.backward()
@@ -61,14 +71,22 @@ def train_digits(config: dict[str, Any]) -> None:
             logits = model(x_val)
             val_loss = nn.functional.cross_entropy(logits, y_val).item()
             acc = (logits.argmax(1) == y_val).float().mean().item()
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1}
-        dtune.report({"acc": acc, "val_loss": val_loss}, checkpoint=dtune.Checkpoint.from_dict(state))
+        checkpoint = None
+        if ctx.is_main:  # only rank 0's checkpoint is kept
+            state = {
+                "model": train.unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+            }
+            checkpoint = dtune.Checkpoint.from_dict(state)
+        dtune.report({"acc": acc, "val_loss": val_loss}, checkpoint=checkpoint)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=32, help="number of trials (default 32)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per trial (default 20)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes per trial (default 2)")
     parser.add_argument("--storage", default=f"runs/digits-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -85,6 +103,7 @@ def main() -> None:
         metric="acc",
         mode="max",
         num_samples=args.samples,
+        resources=dtune.Resources(cpus=1, workers=args.workers),
         storage=args.storage,
         seed=args.seed,
         keep_checkpoints_num=1,
