@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -43,18 +44,28 @@ def ray_python() -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def measure(python: str, script: Path, workload: str, out: Path) -> dict[str, Any]:
-    """Run one workload in a fresh process; add the process's own wall time (start to exit)."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [python, str(script), workload, "--out", str(out)], capture_output=True, text=True, timeout=1800
-    )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script.name} {workload} failed:\n{proc.stderr[-3000:]}")
-    data: dict[str, Any] = json.loads(out.read_text())
-    data["t_process"] = wall
-    return data
+def measure(python: str, script: Path, workload: str, out: Path, attempts: int = 2) -> dict[str, Any]:
+    """Run one workload in a fresh process; add the process's own wall time (start to exit).
+
+    A failed run is retried once (Ray's node start-up can time out on a loaded machine); the
+    failure is kept in the record so the summary can say so.
+    """
+    failures = []
+    for _ in range(attempts):
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [python, str(script), workload, "--out", str(out)], capture_output=True, text=True, timeout=1800
+        )
+        wall = time.perf_counter() - start
+        if proc.returncode == 0:
+            data: dict[str, Any] = json.loads(out.read_text())
+            data.update(t_process=wall, load_before=load_before, failed_attempts=failures)
+            return data
+        failures.append(
+            proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+        )
+    raise RuntimeError(f"{script.name} {workload} failed {attempts} times: {failures}")
 
 
 def median(runs: list[dict[str, Any]], key: str) -> float:
@@ -127,9 +138,11 @@ def main() -> None:
                     flush=True,
                 )
     rows, table = summarise(runs)
+    loads = [r["load_before"] for side in runs.values() for w in side.values() for r in w]
     header = (
         f"# Tune overhead: dtune vs Ray Tune ({time.strftime('%Y-%m-%d %H:%M')}, {args.repeats} repeats, "
-        "2-core machine)\n\n'dtune advantage' is dtune/Ray for rates and Ray/dtune for costs.\n\n"
+        "2-core machine)\n\n'dtune advantage' is dtune/Ray for rates and Ray/dtune for costs. "
+        f"1-minute load average before the runs: {min(loads):.1f} to {max(loads):.1f}.\n\n"
     )
     (RESULTS / "tune_overhead.json").write_text(json.dumps({"summary": rows, "runs": runs}, indent=1) + "\n")
     (RESULTS / "tune_overhead.md").write_text(header + table + "\n")
