@@ -6,7 +6,9 @@ it runs standalone with :func:`launch` or as one trial of a search with
 """
 
 from dtune.train._allreduce import AllReduce, CommHookProvider
+from dtune.train._codistillation import Codistillation, DistillLoss
 from dtune.train._local_sgd import LocalSGD
+from dtune.train._schedules import CodistillationRecipe, shift_milestones
 from dtune.train.context import TrainContext, context
 from dtune.train.launch import LaunchResult, WorkerGroupError, launch
 from dtune.train.prepare import prepare, strategy_of, unwrap
@@ -15,7 +17,10 @@ from dtune.train.strategy import Strategy
 
 __all__ = [
     "AllReduce",
+    "Codistillation",
+    "CodistillationRecipe",
     "CommHookProvider",
+    "DistillLoss",
     "LaunchResult",
     "LocalSGD",
     "Strategy",
@@ -25,6 +30,7 @@ __all__ = [
     "launch",
     "prepare",
     "shard",
+    "shift_milestones",
     "strategy_of",
     "unwrap",
 ]
