@@ -9,6 +9,8 @@ from dtune.train._allreduce import AllReduce, CommHookProvider
 from dtune.train._codistillation import Codistillation, DistillLoss
 from dtune.train._local_sgd import LocalSGD
 from dtune.train._schedules import CodistillationRecipe, shift_milestones
+from dtune.train._shadowsync import ForegroundSync, ShadowSync, SyncStats
+from dtune.train._sync_algorithms import Apply, SyncAlgorithm
 from dtune.train.context import TrainContext, context
 from dtune.train.launch import LaunchResult, WorkerGroupError, launch
 from dtune.train.prepare import prepare, strategy_of, unwrap
@@ -17,13 +19,18 @@ from dtune.train.strategy import Strategy
 
 __all__ = [
     "AllReduce",
+    "Apply",
     "Codistillation",
     "CodistillationRecipe",
     "CommHookProvider",
     "DistillLoss",
+    "ForegroundSync",
     "LaunchResult",
     "LocalSGD",
+    "ShadowSync",
     "Strategy",
+    "SyncAlgorithm",
+    "SyncStats",
     "TrainContext",
     "WorkerGroupError",
     "context",
