@@ -68,7 +68,16 @@ def _wait_until_midway(driver: subprocess.Popen[str], experiment: Path, timeout:
     pytest.fail("the driver never got midway")
 
 
+def _durable_state(experiment: Path) -> dict[str, tuple[str, int]]:
+    """Each trial's status and checkpoint iteration as the store holds them after the driver died."""
+    db = sqlite3.connect(experiment / "experiment.db")
+    rows = db.execute("SELECT trial_id, status, checkpoint_iteration FROM trials").fetchall()
+    db.close()
+    return {trial_id: (status, iteration) for trial_id, status, iteration in rows}
+
+
 def _check_resumed(experiment: Path) -> None:
+    before = _durable_state(experiment)
     results = dtune.resume(experiment, verbose=0)
     assert len(results) == 6
     assert all(t.status is TrialStatus.TERMINATED for t in results)
@@ -77,9 +86,12 @@ def _check_resumed(experiment: Path) -> None:
         assert [r["training_iteration"] for r in trial.metrics_history] == list(range(1, 9)), trial.trial_id
         starts = [int(s) for s in Path(trial.path, "starts").read_text().split()]
         assert starts[0] == 0 and len(starts) <= 2
-        if len(starts) == 2:
-            assert starts[1] >= 2, "a running trial continues from its last checkpoint"
-            restarted += 1
+        status, checkpoint_iteration = before.get(trial.trial_id, ("", 0))
+        if status == "TERMINATED":
+            assert len(starts) == 1, "finished trials are not rerun"
+        elif len(starts) == 2:
+            assert starts[1] == checkpoint_iteration, "an unfinished trial continues from its last checkpoint"
+            restarted += starts[1] >= 2
     assert restarted >= 1
     finished_before = [t for t in results if len(Path(t.path, "starts").read_text().split()) == 1]
     assert len(finished_before) >= 2, "finished trials are not rerun"
