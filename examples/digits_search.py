@@ -1,9 +1,9 @@
 """Search learning rate, width, weight decay and batch size of an MLP on scikit-learn's digits.
 
-The main job of the README: a real search (32 trials by default) in which every trial is a
-data-parallel group of 2 worker processes (gloo, gradients all-reduced), with a live progress
-table and every result and checkpoint kept in a durable experiment directory. Interrupt it with
-Ctrl-C and continue with ``dtune resume DIR``.
+The main job of the README: a real search (32 trials by default, early-stopped by ASHA) in
+which every trial is a data-parallel group of 2 worker processes (gloo, gradients all-reduced),
+with a live progress table and every result and checkpoint kept in a durable experiment
+directory. Interrupt it with Ctrl-C and continue with ``dtune resume DIR``.
 
     python examples/digits_search.py [--samples 32] [--epochs 20] [--workers 2] [--storage DIR]
 """
@@ -104,6 +104,7 @@ def main() -> None:
         mode="max",
         num_samples=args.samples,
         resources=dtune.Resources(cpus=1, workers=args.workers),
+        scheduler=dtune.schedulers.ASHA(max_t=args.epochs, grace_period=2, reduction_factor=3),
         storage=args.storage,
         seed=args.seed,
         keep_checkpoints_num=1,

@@ -1,4 +1,4 @@
-"""A search over 2-worker trials survives a driver SIGKILL and resumes."""
+"""A search over 2-worker trials with ASHA survives a driver SIGKILL and resumes."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ DRIVER = textwrap.dedent(
         param_space={"lr": dtune.uniform(0.05, 0.5), "epochs": 6, "sleep": 0.15},
         metric="acc", mode="max", num_samples=4, storage=sys.argv[1], seed=0, verbose=0,
         resources=dtune.Resources(workers=2),
+        scheduler=dtune.schedulers.ASHA(max_t=6, grace_period=2, reduction_factor=2),
     )
     """
 )
@@ -58,6 +59,8 @@ def test_two_worker_search_resumes_after_driver_sigkill(tmp_path):
     driver.wait(10)
     results = dtune.resume(experiment, verbose=0)
     assert len(results) == 4 and all(t.status is TrialStatus.TERMINATED for t in results)
-    for trial in results:
-        assert [r["training_iteration"] for r in trial.metrics_history] == list(range(1, 7))
+    for trial in results:  # ASHA may stop trials early; what ran is complete and not duplicated
+        iterations = [r["training_iteration"] for r in trial.metrics_history]
+        assert iterations == list(range(1, len(iterations) + 1)) and len(iterations) >= 2
         assert all(r["world"] == 2 for r in trial.metrics_history)
+    assert max(len(t.metrics_history) for t in results) == 6, "the best trial reaches max_t"

@@ -83,3 +83,60 @@ class Counter(dtune.Trainable):
 
     def restore(self, checkpoint_dir):
         self.n = int(Path(checkpoint_dir, "n").read_text())
+
+
+def curve(config):
+    """A learning curve, loss = (x - 0.3)^2 + 1 / (t + 1), checkpointed at every step."""
+    checkpoint = dtune.get_checkpoint()
+    start = checkpoint.to_dict()["t"] if checkpoint else 0
+    context = dtune.get_context()
+    with open(Path(context.trial_dir, "starts"), "a") as fh:
+        fh.write(f"{start}\n")
+    for t in range(start, config.get("max_t", 100)):
+        time.sleep(config.get("sleep", 0.0))
+        loss = (config["x"] - 0.3) ** 2 + 1 / (t + 1)
+        dtune.report({"loss": loss}, checkpoint=dtune.Checkpoint.from_dict({"t": t + 1}))
+
+
+def curve_no_checkpoint(config):
+    for t in range(config.get("max_t", 100)):
+        time.sleep(config.get("sleep", 0.0))
+        dtune.report({"loss": (config["x"] - 0.3) ** 2 + 1 / (t + 1)})
+
+
+class CurveClass(dtune.Trainable):
+    """A class trainable whose progress grows by ``lr`` per step (score = progress).
+
+    It checkpoints every step: relying on the save-on-pause alone races with a pause that
+    lands inside ``report`` (the step was already reported without a checkpoint).
+    """
+
+    checkpoint_frequency = 1
+
+    def setup(self, config):
+        self.t = 0
+        self.progress = 0.0
+
+    def step(self):
+        time.sleep(self.config.get("sleep", 0.0))
+        self.t += 1
+        self.progress += self.config["lr"]
+        return {"score": self.progress, "done": self.t >= self.config.get("max_t", 20)}
+
+    def save(self, checkpoint_dir):
+        Path(checkpoint_dir, "state").write_text(f"{self.t} {self.progress}")
+
+    def restore(self, checkpoint_dir):
+        t, progress = Path(checkpoint_dir, "state").read_text().split()
+        self.t, self.progress = int(t), float(progress)
+
+
+def progress(config):
+    """A model whose progress grows by ``lr`` per step (score = progress), checkpointed each step."""
+    checkpoint = dtune.get_checkpoint()
+    state = checkpoint.to_dict() if checkpoint else {"t": 0, "progress": 0.0}
+    for t in range(state["t"], config.get("max_t", 12)):
+        time.sleep(config.get("sleep", 0.0))
+        state = {"t": t + 1, "progress": state["progress"] + config["lr"]}
+        metrics = {"score": state["progress"], "lr": config["lr"]}
+        dtune.report(metrics, checkpoint=dtune.Checkpoint.from_dict(state))

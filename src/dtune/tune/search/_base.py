@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["Searcher"]
+from dtune.tune.spaces import Choice, iter_leaves
+
+__all__ = ["Points", "Searcher", "check_points", "point_paths"]
+
+Path = tuple[str, ...]
+#: ``points_to_evaluate``: configs (possibly partial) that a searcher suggests first.
+Points = Sequence[Mapping[str, Any]] | None
+
+
+def check_points(points: Any) -> list[dict[str, Any]]:
+    """Validate ``points_to_evaluate`` (a list of, possibly partial, configs) and copy it."""
+    if points is None:
+        return []
+    if isinstance(points, Mapping) or not isinstance(points, Sequence):
+        raise TypeError(f"`points_to_evaluate` must be a list of config dicts, got {type(points).__name__}.")
+    for i, point in enumerate(points):
+        if not isinstance(point, Mapping):
+            raise TypeError(f"points_to_evaluate[{i}] must be a dict, got {type(point).__name__}.")
+    return [dict(point) for point in points]
+
+
+def point_paths(point: Mapping[str, Any], space: Mapping[str, Any], where: str) -> dict[Path, Any]:
+    """A point as ``{path: value}`` over the space's leaves; a key the space lacks is an error.
+
+    Nested dicts in the point address nested keys of the space. Values of ``choice`` leaves
+    must be among the categories, since a model cannot place anything else.
+    """
+    leaves = dict(iter_leaves(space))
+    out: dict[Path, Any] = {}
+    for path, value in iter_leaves(point):
+        name = where + "".join(f"[{key!r}]" for key in path)
+        if path not in leaves:
+            raise ValueError(f"{name} is not a key of param_space (keys: {['/'.join(p) for p in leaves]}).")
+        leaf = leaves[path]
+        if isinstance(leaf, Choice) and value not in leaf.categories:
+            raise ValueError(f"{name} is {value!r}, which is not one of the choice() categories.")
+        out[path] = value
+    return out
 
 
 class Searcher:
@@ -22,6 +59,8 @@ class Searcher:
 
     #: Whether the searcher expands ``grid()`` values; the runner refuses grids otherwise.
     supports_grid: bool = False
+    #: Configs to evaluate first (``points_to_evaluate``); every searcher takes them.
+    points_to_evaluate: list[dict[str, Any]] = []
 
     metric: str | None = None
     mode: str | None = None

@@ -7,7 +7,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from dtune.tune.search._base import Searcher
+from dtune.tune.search._base import Points, Searcher, check_points, point_paths
 from dtune.tune.spaces import grid_keys, resolve
 
 __all__ = ["Grid"]
@@ -17,7 +17,8 @@ class Grid(Searcher):
     """Enumerates grid points; other domains in the space are sampled at random per point.
 
     With ``num_samples=n`` every grid point is run ``n`` times (Ray Tune's convention), so the
-    number of trials is ``n`` times the product of the grid sizes.
+    number of trials is ``n`` times the product of the grid sizes, plus ``points_to_evaluate``
+    (run first; each must give every ``grid()`` key).
 
     Example:
         >>> import dtune
@@ -27,8 +28,9 @@ class Grid(Searcher):
 
     supports_grid = True
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, points_to_evaluate: Points = None) -> None:
         self.seed = seed
+        self.points_to_evaluate = check_points(points_to_evaluate)
         self._rng = random.Random(seed)
         self._space: Mapping[str, Any] = {}
         self._points: list[dict[tuple[str, ...], Any]] = []
@@ -53,7 +55,14 @@ class Grid(Searcher):
         grids = grid_keys(param_space)
         product = itertools.product(*(leaf.values for _, leaf in grids))
         points = [dict(zip((path for path, _ in grids), values, strict=True)) for values in product]
-        self._points = points * num_samples
+        first = []
+        for i, point in enumerate(self.points_to_evaluate):
+            fixed = point_paths(point, param_space, f"points_to_evaluate[{i}]")
+            missing = ["/".join(path) for path, _ in grids if path not in fixed]
+            if missing:
+                raise ValueError(f"points_to_evaluate[{i}] must give every grid() key; it lacks {missing}.")
+            first.append(fixed)
+        self._points = first + points * num_samples
 
     @property
     def total(self) -> int:
