@@ -92,3 +92,21 @@ def test_search_over_two_worker_trials(tmp_path):
     assert all(t.status is TrialStatus.TERMINATED for t in results)
     assert all(t.metrics["world"] == 2 and t.metrics["training_iteration"] == 3 for t in results)
     assert results.best.checkpoint is not None
+
+
+def test_prepare_runs_a_preconditioner_before_every_step():
+    from dtune.optim import KFAC
+
+    model = L.make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kfac = KFAC(model, damping=0.1, factor_update_steps=1, inv_update_steps=1, lr=0.1)
+    model, optimizer = train.prepare(model, optimizer, preconditioner=kfac)
+    x, y = L.global_batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    raw = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()  # K-FAC rewrote the gradients in place before SGD used them
+    assert any(not torch.allclose(p.grad, g) for p, g in zip(model.parameters(), raw, strict=True))
+    import pytest
+
+    with pytest.raises(TypeError, match="attach"):
+        train.prepare(L.make_model(), optimizer, preconditioner=object())

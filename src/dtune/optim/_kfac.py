@@ -64,7 +64,7 @@ class KFAC:
         >>> from dtune.optim import KFAC
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> kfac = KFAC(model, damping=0.01, factor_update_steps=1, inv_update_steps=10)
+        >>> kfac = KFAC(model, damping=0.01, factor_update_steps=1, inv_update_steps=10, lr=0.1)
         >>> x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
         >>> torch.nn.functional.cross_entropy(model(x), y).backward()
         >>> kfac.step()  # preconditions the gradients in place

@@ -1,0 +1,99 @@
+"""Top-k sparsification with error feedback, with sampling-based selection for CPU.
+
+Each rank sends the k entries of largest magnitude of its compensated gradient and keeps the
+rest as error feedback (Stich et al., "Sparsified SGD with Memory", NeurIPS 2018; Aji &
+Heafield, "Sparse Communication for Distributed Gradient Descent", EMNLP 2017). Ranks pick
+different entries, so payloads (indices + values) are all-gathered.
+
+Exact selection (``torch.topk``) over millions of entries costs more on CPU than a fast link
+saves. ``Selection.SAMPLED`` estimates the threshold from a random sample, as Deep Gradient
+Compression does (Lin et al., "Deep Gradient Compression", ICLR 2018): the magnitude above
+which ``oversample * k`` entries of the sample lie is a threshold that about ``oversample * k``
+entries of the tensor pass; one comparison finds those candidates and an exact top-k among them
+(a few thousand) keeps exactly k. Should too few pass, a lower threshold is tried, then the
+exact top-k, so the payload always holds exactly k entries.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from dtune.comm._base import BucketState, Collective, check_enum, check_ratio, selected_count
+from dtune.comm._sparse import SparseCompressor, at_least
+
+__all__ = ["Selection", "TopK"]
+
+_EXACT_BELOW = 32_768  # below this many entries torch.topk is cheap enough
+
+
+class Selection(enum.Enum):
+    """How :class:`TopK` finds the k largest magnitudes."""
+
+    EXACT = "exact"
+    """``torch.topk`` over the whole bucket."""
+    SAMPLED = "sampled"
+    """Threshold estimated from a random sample, exact top-k among the candidates."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopK(SparseCompressor):
+    """Send the ``ratio`` fraction of largest-magnitude entries per bucket; error feedback on.
+
+    ``sample_ratio`` is the sampled fraction of the bucket (``Selection.SAMPLED``);
+    ``oversample`` how many candidates per kept entry the estimated threshold aims for.
+
+    Example:
+        >>> import torch
+        >>> from dtune import comm
+        >>> state = comm.CommState(comm.TopK(ratio=0.5))
+        >>> g = [torch.tensor([0.1, -3.0, 2.0, 0.2])]
+        >>> state.all_reduce(g)
+        >>> g[0].tolist()
+        [0.0, -3.0, 2.0, 0.0]
+    """
+
+    ratio: float = 0.01
+    selection: Selection = Selection.SAMPLED
+    sample_ratio: float = 0.01
+    oversample: float = 1.25
+    collective: ClassVar[Collective] = Collective.ALL_GATHER
+
+    def __post_init__(self) -> None:
+        check_ratio("ratio", self.ratio)
+        check_enum("selection", self.selection, Selection)
+        check_ratio("sample_ratio", self.sample_ratio)
+        if isinstance(self.oversample, bool) or not isinstance(self.oversample, int | float):
+            raise TypeError(f"`oversample` must be a number, got {type(self.oversample).__name__}.")
+        if not self.oversample >= 1:
+            raise ValueError(f"The value of `oversample` is {self.oversample!r}, but must be >= 1.")
+
+    @property
+    def error_feedback(self) -> bool:
+        return True
+
+    def init_bucket(self, bucket: BucketState) -> None:
+        bucket.data["exact_fallbacks"] = 0
+
+    def select(self, tensor: torch.Tensor, bucket: BucketState) -> torch.Tensor:
+        numel = tensor.numel()
+        k = selected_count(numel, self.ratio)
+        if k == numel:
+            return torch.arange(numel)
+        magnitude = torch.abs(tensor, out=bucket.buffer("magnitude", numel, tensor.dtype))
+        if self.selection is Selection.EXACT or numel < _EXACT_BELOW:
+            return magnitude.topk(k, sorted=False).indices
+        sample_size = min(numel, max(math.ceil(numel * self.sample_ratio), 1024))
+        sample = magnitude[torch.randint(0, numel, (sample_size,), generator=bucket.generator)]
+        for factor in (self.oversample, 4 * self.oversample):
+            above = min(sample_size, math.ceil(factor * k * sample_size / numel))
+            threshold = float(sample.topk(above, sorted=True).values[-1])
+            candidates = at_least(magnitude, threshold, bucket.buffer("mask", numel, torch.bool))
+            if candidates.numel() >= k:
+                return candidates[magnitude[candidates].topk(k, sorted=False).indices]
+        bucket.data["exact_fallbacks"] += 1  # an unlucky sample: pay for the exact top-k once
+        return magnitude.topk(k, sorted=False).indices
