@@ -262,15 +262,13 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             f"{'not reached' if steps is None else f'{steps:.0f}'} | {payload} | {ratio} | {cost} |"
         )
     for condition, rows in summary["conditions"].items():
+        lines += ["", f"## {condition}", ""]
+        if CONDITIONS[condition]["background"]:
+            lines += ["Wire bytes include the background flows sent from rank 0's namespace.", ""]
         lines += [
-            "",
-            f"## {condition}",
-            "",
             "| method | p50 ms | p99 ms | wire B/step | time to target s | vs DDP fp32 | same trajectory |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
-        if CONDITIONS[condition]["background"]:
-            lines.insert(-3, "Wire bytes include the background flows sent from rank 0's namespace.\n")
         base = rows.get("ddp_fp32", {}).get("time_to_target_s")
         for method, row in rows.items():
             tta = row["time_to_target_s"]

@@ -164,7 +164,7 @@ def test_sampled_top_k_keeps_exactly_the_top_k_at_a_fraction_of_the_work():
 
 def test_sampled_top_k_falls_back_to_the_exact_top_k_when_the_sample_misleads():
     # k = n - 4: only a sample whose minimum is among the 4 smallest entries would do
-    values = torch.randperm(40_000).float()
+    values = torch.randperm(40_000, generator=torch.Generator().manual_seed(0)).float()
     state = comm.CommState(comm.TopK(ratio=0.9999))
     grads = [values.clone()]
     state.all_reduce(grads)

@@ -113,3 +113,15 @@ def test_bad_settings_are_refused():
         netem.Network(hosts=2, background=(netem.BulkFlow(src=0, dst=2),))
     with pytest.raises(ValueError, match="must differ from `src`"):
         netem.BulkFlow(src=1, dst=1)
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+    import pkgutil
+
+    import dtune.netem
+
+    for info in pkgutil.iter_modules(dtune.netem.__path__):
+        result = doctest.testmod(importlib.import_module(f"dtune.netem.{info.name}"))
+        assert result.failed == 0, info.name
