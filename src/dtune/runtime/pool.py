@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -77,7 +77,6 @@ class WorkerHandle:
     conn: Connection
     index: int
     task_id: Any = None
-    started_at: float = field(default_factory=time.monotonic)
     killed: bool = False  # kill() was called: never idle again; a replacement takes its place
 
     @property
@@ -177,7 +176,6 @@ class WorkerPool:
         except Exception:
             blob = dumps_for_worker(args, "The task's arguments")
         handle.task_id = task_id
-        handle.started_at = time.monotonic()
         self._send(handle, ("run", task_id, key, blob))
 
     def control(self, handle: WorkerHandle, value: Any) -> None:

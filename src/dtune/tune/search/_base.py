@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +65,8 @@ class Searcher:
 
     metric: str | None = None
     mode: str | None = None
+    seed: int | None = None
+    _rng: random.Random
 
     def set_search_properties(
         self,
@@ -78,6 +81,12 @@ class Searcher:
             self.metric = metric
         if self.mode is None:
             self.mode = mode
+
+    def _adopt_run_seed(self, seed: int | None) -> None:
+        """Searchers built without a seed take the run's (and reseed their owned generator)."""
+        if self.seed is None and seed is not None:
+            self.seed = seed
+            self._rng = random.Random(seed)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError

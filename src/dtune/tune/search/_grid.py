@@ -48,9 +48,7 @@ class Grid(Searcher):
         super().set_search_properties(
             metric=metric, mode=mode, param_space=param_space, num_samples=num_samples, seed=seed
         )
-        if self.seed is None and seed is not None:
-            self.seed = seed
-            self._rng = random.Random(seed)
+        self._adopt_run_seed(seed)
         self._space = param_space
         grids = grid_keys(param_space)
         product = itertools.product(*(leaf.values for _, leaf in grids))

@@ -43,9 +43,7 @@ class Random(Searcher):
         super().set_search_properties(
             metric=metric, mode=mode, param_space=param_space, num_samples=num_samples, seed=seed
         )
-        if self.seed is None and seed is not None:
-            self.seed = seed
-            self._rng = random.Random(seed)
+        self._adopt_run_seed(seed)
         self._space = param_space
         points = enumerate(self.points_to_evaluate)
         self._points = [point_paths(p, param_space, f"points_to_evaluate[{i}]") for i, p in points]
