@@ -93,7 +93,7 @@ def hartmann(config: dict[str, Any]) -> None:
 
 
 def digits(config: dict[str, Any]) -> None:
-    """``train_digits`` from the example, reporting ``true`` (= acc) and keeping config lr/wd."""
+    """``train_digits`` from the example, reporting ``true`` (= acc) as well."""
     import torch
 
     if str(EXAMPLES) not in sys.path:
@@ -106,27 +106,14 @@ def digits(config: dict[str, Any]) -> None:
     def report_true(metrics: dict[str, Any], checkpoint: Any = None) -> None:
         report({**metrics, "true": metrics["acc"]}, checkpoint=checkpoint)
 
-    class ConfigSGD(torch.optim.SGD):
-        """Restoring a checkpoint keeps this config's lr and weight decay (PBT's explore)."""
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            mine = [(g["lr"], g["weight_decay"]) for g in self.param_groups]
-            super().load_state_dict(state_dict)
-            for group, (lr, weight_decay) in zip(self.param_groups, mine, strict=True):
-                group["lr"], group["weight_decay"] = lr, weight_decay
-
     torch.set_num_threads(1)
-    sgd, digits_search.dtune = (
-        torch.optim.SGD,
-        types.SimpleNamespace(
-            report=report_true, get_checkpoint=dtune.get_checkpoint, Checkpoint=dtune.Checkpoint
-        ),
+    digits_search.dtune = types.SimpleNamespace(
+        report=report_true, get_checkpoint=dtune.get_checkpoint, Checkpoint=dtune.Checkpoint
     )
-    torch.optim.SGD = ConfigSGD  # type: ignore[misc]
     try:
         digits_search.train_digits(config)
     finally:
-        torch.optim.SGD, digits_search.dtune = sgd, dtune  # type: ignore[misc]
+        digits_search.dtune = dtune
 
 
 TRAINABLES: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -146,6 +133,17 @@ SPACES: dict[str, dict[str, tuple[str, tuple[Any, ...]]]] = {
         "batch_size": ("choice", ([16, 32, 64],)),
     },
 }
+
+
+def sample_configs(problem: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` configs drawn from the problem's space: the same list is given to both sides of a pair."""
+    rng = random.Random(f"configs/{problem}/{seed}")
+    draw = {
+        "uniform": lambda lo, hi: rng.uniform(lo, hi),
+        "loguniform": lambda lo, hi: math.exp(rng.uniform(math.log(lo), math.log(hi))),
+        "choice": lambda options: rng.choice(options),
+    }
+    return [{name: draw[kind](*args) for name, (kind, args) in SPACES[problem].items()} for _ in range(n)]
 
 
 def space_for(problem: str, module: Any) -> dict[str, Any]:

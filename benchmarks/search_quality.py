@@ -2,8 +2,12 @@
 
 Pairs, each on every problem unless noted (problems: ``benchmarks/objectives.py``):
 
-- ``asha``: dtune ``ASHA`` + ``Random`` vs Ray Tune ``ASHAScheduler`` + random search;
+- ``asha``: dtune ``ASHA`` vs Ray Tune ``ASHAScheduler``, both over the same random configs
+  (drawn once per seed and given to both as ``points_to_evaluate``), so that the pair compares
+  the schedulers and not two draws of random search;
 - ``hb``: dtune ``HyperBand`` + ``BOHB`` vs Optuna ``HyperbandPruner`` + ``TPESampler``;
+- ``hbtpe``: dtune ``HyperBand`` + ``Optuna("tpe")`` (Optuna's own TPE through dtune's adapter)
+  vs the same Optuna anchor: the like-for-like pair, where only the HyperBand differs;
 - ``pbt``: dtune ``PBT`` vs Ray Tune ``PopulationBasedTraining`` (the MLP only).
 
 Same trainables on every side, same number of trials, same rungs (grace 1, reduction factor 3),
@@ -20,7 +24,7 @@ incumbent within ``B``, the best noisy result at the highest fidelity reached (s
 better model.
 
     python benchmarks/search_quality.py [--seeds 5] [--problems curve,hartmann,digits]
-                                        [--pairs asha,hb,pbt] [--quick]
+                                        [--pairs asha,hb,hbtpe,pbt] [--quick] [--step-s S]
 
 Ray Tune is installed on first use by ``anchors/setup_ray_venv.sh`` (+ ``setup_ray_digits.sh``
 for torch and scikit-learn). Writes ``results/search_quality.json`` (every run) and
@@ -47,10 +51,11 @@ sys.path.insert(0, str(HERE))
 
 import objectives  # noqa: E402
 
-# Work per iteration of the synthetic trainables, alike for all frameworks. A decision reaches a
-# dtune trial asynchronously, a step or so after the result it was made on (Ray Tune blocks each
-# report until the driver has seen it); the overshoot counts in dtune's budget.
-STEP_S = 0.002
+# Work per iteration of the synthetic trainables, alike for all frameworks (``--step-s``). None by
+# default, as in the anchor measurements of the research notes: the wall time is then the
+# frameworks' own cost. dtune's schedulers decide in-band at their rungs (``decision_points``),
+# so trials stop exactly where the anchors' do whatever the work per step.
+STEP_S = 0.0
 PROBLEMS: dict[str, dict[str, Any]] = {
     "curve": {
         "metric": "loss", "mode": "min", "num_samples": 200, "max_t": 100, "optimum": 1 / 101,
@@ -66,7 +71,12 @@ PROBLEMS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 PBT = {"num_samples": 8, "max_t": 12, "interval": 3, "mutations": ["lr", "weight_decay", "batch_size"]}
-PAIRS = {"asha": ("dtune-asha", "ray-asha"), "hb": ("dtune-hb", "optuna-hb"), "pbt": ("dtune-pbt", "ray-pbt")}
+PAIRS = {
+    "asha": ("dtune-asha", "ray-asha"),
+    "hb": ("dtune-hb", "optuna-hb"),
+    "hbtpe": ("dtune-hbtpe", "optuna-hb"),
+    "pbt": ("dtune-pbt", "ray-pbt"),
+}
 
 
 # -- the sides that run in dtune's environment (each in its own process) --------------------------------
@@ -77,12 +87,12 @@ def _dtune_side(side: str, problem: str, seed: int, p: dict[str, Any]) -> tuple[
     space = {**objectives.space_for(problem, dtune), **p["constants"]}
     if side == "dtune-asha":
         scheduler: Any = dtune.schedulers.ASHA(max_t=p["max_t"], grace_period=1, reduction_factor=3)
-        search: Any = dtune.search.Random(seed=seed)
-    elif side == "dtune-hb":
+        search: Any = dtune.search.Random(seed=seed, points_to_evaluate=p["configs"])
+    elif side in ("dtune-hb", "dtune-hbtpe"):
         space["ckpt"] = True if "ckpt" in space else None  # HyperBand resumes paused trials
         space = {k: v for k, v in space.items() if v is not None}
         scheduler = dtune.schedulers.HyperBand(max_t=p["max_t"], reduction_factor=3)
-        search = dtune.search.BOHB(seed=seed)
+        search = dtune.search.BOHB(seed=seed) if side == "dtune-hb" else dtune.search.Optuna("tpe", seed=seed)
     else:
         mutations = {k: objectives.space_for(problem, dtune)[k] for k in p["mutations"]}
         scheduler = dtune.schedulers.PBT(p["interval"], mutations, seed=seed)
@@ -195,12 +205,16 @@ def score(results: list[list[float]], budget: int, p: dict[str, Any], *, any_fid
     return sign * (best[1] - p["optimum"])
 
 
-def params(problem: str, pair: str, quick: bool) -> dict[str, Any]:
+def params(problem: str, pair: str, quick: bool, step_s: float, seed: int) -> dict[str, Any]:
     p = dict(PROBLEMS[problem])
+    if "step_s" in p["constants"]:
+        p["constants"] = {**p["constants"], "step_s": step_s}
     if pair == "pbt":
         p.update(PBT, constants={"epochs": PBT["max_t"]})
     if quick:
         p["num_samples"] = max(8, p["num_samples"] // 5)
+    if pair == "asha":  # random search on both sides: the very same configs, in the same order
+        p["configs"] = objectives.sample_configs(problem, p["num_samples"], seed)
     return p
 
 
@@ -254,8 +268,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--problems", default="curve,hartmann,digits")
-    parser.add_argument("--pairs", default="asha,hb,pbt")
+    parser.add_argument("--pairs", default="asha,hb,hbtpe,pbt")
     parser.add_argument("--quick", action="store_true", help="a fifth of the trials: a smoke test")
+    parser.add_argument("--step-s", type=float, default=STEP_S, help="work (sleep) per synthetic step")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -266,15 +281,17 @@ def main() -> None:
         worker(args)
         return
     runs = []
+    anchors: dict[tuple[str, str, int], dict[str, Any]] = {}
     started = time.time()
     for seed in range(args.seeds):
         for problem in args.problems.split(","):
             for pair in args.pairs.split(","):
                 if pair == "pbt" and problem != "digits":
                     continue
-                p = params(problem, pair, args.quick)
+                p = params(problem, pair, args.quick, args.step_s, seed)
                 dtune_side, anchor_side = PAIRS[pair]
-                anchor = run_side(anchor_side, problem, seed, p)
+                key = (anchor_side, problem, seed)  # two pairs share Optuna's run
+                anchor = anchors[key] = anchors.get(key) or run_side(anchor_side, problem, seed, p)
                 mine = run_side(dtune_side, problem, seed, p)
                 budget = min(len(anchor["results"]), len(mine["results"]))
                 run: dict[str, Any] = {"problem": problem, "pair": pair, "seed": seed, "budget": budget}
@@ -296,7 +313,7 @@ def main() -> None:
                 )
     rows, table = summarise(runs)
     RESULTS.mkdir(exist_ok=True)
-    meta = {"seeds": args.seeds, "quick": args.quick, "step_s": STEP_S, "problems": PROBLEMS, "pbt": PBT,
+    meta = {"seeds": args.seeds, "quick": args.quick, "step_s": args.step_s, "problems": PROBLEMS, "pbt": PBT,
             "elapsed_s": time.time() - started, "cpus": os.cpu_count()}  # fmt: skip
     (RESULTS / "search_quality.json").write_text(
         json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1)

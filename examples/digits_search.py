@@ -54,6 +54,8 @@ def train_digits(config: dict[str, Any]) -> None:
         state = checkpoint.to_dict()
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the config wins: PBT may have changed it
+            group.update(lr=config["lr"], weight_decay=config["weight_decay"])
         start = state["epoch"]
     model, optimizer = train.prepare(model, optimizer, strategy=train.AllReduce())
     ctx = train.context()

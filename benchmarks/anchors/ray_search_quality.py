@@ -89,7 +89,8 @@ def main() -> None:
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=p["metric"], mode=p["mode"], num_samples=p["num_samples"], scheduler=scheduler,
-            search_alg=BasicVariantGenerator(random_state=args.seed), reuse_actors=True,
+            search_alg=BasicVariantGenerator(points_to_evaluate=p.get("configs"), random_state=args.seed),
+            reuse_actors=True,
         ),
         # every checkpoint is kept: with num_to_keep, Ray's PBT may restore from a deleted one
         # (ray-project/ray#9036, seen here too)

@@ -192,7 +192,8 @@ def _settle(strategy: ShadowSync, trainers: Any, rounds: int) -> None:
     """
     for _ in range(rounds):
         _trainer_barrier(trainers)
-        _wait_until(lambda d=strategy.stats().syncs: strategy.stats().syncs > d, "a settling sync")
+        done = strategy.stats().syncs
+        _wait_until(lambda done=done: strategy.stats().syncs > done, "a settling sync")
 
 
 def converge(config: dict[str, Any]) -> Any:

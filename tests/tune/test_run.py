@@ -45,8 +45,39 @@ def test_class_trainable_checkpoints_on_schedule_and_at_end(tmp_path):
 def test_stop_criterion_reaches_a_trial_at_its_next_report_and_frees_the_slot(tmp_path):
     results = _run(T.forever, tmp_path, num_samples=3, max_concurrent=1, stop={"training_iteration": 5})
     assert all(t.status is TrialStatus.TERMINATED for t in results)
-    # the decision travels asynchronously: a few more results may be emitted before it lands
-    assert all(5 <= t.metrics["training_iteration"] < 100 for t in results)
+    # with a stop criterion every report waits for the driver's decision: no overshoot
+    assert all(t.metrics["training_iteration"] == 5 for t in results)
+
+
+class StopInBandAtThird(Scheduler):
+    def decision_points(self, trial):
+        return frozenset({3})
+
+    def on_result(self, trial, result):
+        return Decision.STOP if result["training_iteration"] >= 3 else Decision.CONTINUE
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_decision_point_holds_the_trial_until_the_scheduler_answers(tmp_path, workers):
+    results = _run(T.forever, tmp_path, num_samples=2, scheduler=StopInBandAtThird(),
+                   resources=dtune.Resources(workers=workers))  # fmt: skip
+    assert [t.metrics["training_iteration"] for t in results] == [3, 3]
+
+
+class StopsARunningTrial(Scheduler):
+    def choose_next(self, trials):
+        return TrialSuggestion.stop(trials[0])
+
+
+def test_ending_a_trial_that_is_not_paused_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="TrialSuggestion.stop ends PAUSED trials only"):
+        _run(
+            T.checkpointed,
+            tmp_path,
+            param_space={"steps": 5, "fail_at": 2},
+            max_failures=1,
+            scheduler=StopsARunningTrial(),
+        )  # fmt: skip  (the retried trial waits as PENDING)
 
 
 class StopAtFirst(Scheduler):

@@ -68,6 +68,8 @@ class FakeRunner:
         self.state: dict[str, float] = {}  # the trial's model, as its checkpoint holds it
         self.saved: dict[str, tuple[int, float]] = {}  # trial -> (iteration, state) of its checkpoint
         self.decisions: list[tuple[str, int, Decision]] = []
+        self.points: dict[str, bool | frozenset[int]] = {}  # reports decided in-band, per trial
+        self.ended_while_paused: list[str] = []
         self.budget = 0
         scheduler.set_properties("loss", "min")
 
@@ -105,6 +107,7 @@ class FakeRunner:
         self.pos[trial.trial_id], self.state[trial.trial_id] = iteration, state
         trial.status, trial.stop_requested, trial.pause_requested = TrialStatus.RUNNING, False, False
         self.running[trial.trial_id] = -1
+        self.points[trial.trial_id] = self.scheduler.decision_points(trial)
 
     def fill(self) -> None:
         while len(self.running) < self.slots:
@@ -115,6 +118,13 @@ class FakeRunner:
             if s is None:
                 return
             assert isinstance(s, TrialSuggestion)
+            if s.end:  # a paused trial ends where it is, taking no slot
+                assert s.trial.status is TrialStatus.PAUSED
+                self.waiting.remove(s.trial)
+                self.ended_while_paused.append(s.trial.trial_id)
+                self.running[s.trial.trial_id] = 0
+                self._end(s.trial, TrialStatus.TERMINATED)
+                continue
             self._start(s)
 
     def step(self, trial: Trial) -> None:
@@ -136,7 +146,9 @@ class FakeRunner:
             if decision is not Decision.CONTINUE:
                 trial.stop_requested = decision is Decision.STOP
                 trial.pause_requested = decision is Decision.PAUSE
-                self.running[trial.trial_id] = pending = self.lag
+                points = self.points[trial.trial_id]
+                in_band = points is True or (isinstance(points, frozenset) and t in points)
+                self.running[trial.trial_id] = pending = 0 if in_band else self.lag
             elif t >= self.max_t:
                 self._end(trial, TrialStatus.TERMINATED)
                 return
@@ -319,6 +331,14 @@ def test_asha_rungs_and_promotions_by_hand():
     assert _feed(asha, trials[1], 10, 1.0) is Decision.STOP  # max_t
 
 
+def test_asha_decides_in_band_at_its_rungs_only():
+    asha = ASHA(max_t=100, grace_period=1, reduction_factor=3)
+    trial = Trial("a", {})
+    assert asha.decision_points(trial) == frozenset({1, 3, 9, 27, 81, 100})
+    assert ASHA(max_t=10, grace_period=1.5, reduction_factor=2).decision_points(trial) == {2, 3, 6, 10}
+    assert ASHA(max_t=10, time_attr="time_total_s").decision_points(trial) is True
+
+
 def test_asha_ties_go_to_the_newcomer_and_max_mode_ranks_upwards():
     asha = ASHA(max_t=10, grace_period=1, reduction_factor=2, metric="acc", mode="max")
     a, b, c = Trial("a", {}), Trial("b", {}), Trial("c", {})
@@ -405,6 +425,17 @@ def test_hyperband_bracket_is_exact_successive_halving(slots, lag):
     assert {t.trial_id for t in runner.trials if hb.rung(t.trial_id) >= 1} == set(by_x[:3])
     assert [t.trial_id for t in runner.trials if hb.rung(t.trial_id) == 2] == [by_x[0]]
     assert runner.by_id(by_x[0]).iteration == 9
+
+
+def test_hyperband_ends_paused_losers_without_running_them_again():
+    hb = HyperBand(max_t=9)
+    runner = FakeRunner(hb, _configs(9), slots=3, max_t=9, lag=2).run()
+    assert runner.ended_while_paused  # eliminated at a rung they paused at
+    for trial_id in runner.ended_while_paused:
+        trial = runner.by_id(trial_id)
+        assert trial.iteration in (1, 3)  # the rung's own result: decided in-band, no overshoot
+        assert not any(d[0] == trial_id and d[1] > trial.iteration for d in runner.decisions)
+    assert hb.decision_points(runner.trials[0]) == frozenset({1, 3, 9})
 
 
 def test_hyperband_closes_a_bracket_the_search_cannot_fill():

@@ -3,12 +3,13 @@
 Nothing here imports torch at import time; ``distributed`` imports it when a group forms.
 """
 
-from dtune.runtime._channel import current_channel
+from dtune.runtime._channel import GO, current_channel
 from dtune.runtime.distributed import GroupSpec
 from dtune.runtime.group import GroupTask, WorkerGroup
 from dtune.runtime.pool import Event, EventKind, WorkerHandle, WorkerPool
 
 __all__ = [
+    "GO",
     "Event",
     "EventKind",
     "GroupSpec",

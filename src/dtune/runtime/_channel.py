@@ -14,7 +14,9 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["Channel", "ExitRequested", "current_channel"]
+__all__ = ["GO", "Channel", "ExitRequested", "current_channel"]
+
+GO = "go"  # the driver's answer to an item it was waiting on: no control, go on
 
 _BATCH_WINDOW_S = 0.002
 _MAX_BATCH = 512
@@ -91,14 +93,35 @@ class Channel:
         if now - self._last_poll >= _CONTROL_POLL_S:
             self._last_poll = now
             while self._conn.poll():
-                message = pickle.loads(self._conn.recv_bytes())
-                if message[0] == "ctl" and message[1] == self._task_id:
-                    self._control = message[2]
-                elif message[0] == "exit":
-                    raise ExitRequested()
+                self._receive()
+        return self._control
+
+    def emit_and_wait(self, item: Any) -> Any:
+        """Send ``item`` (and everything queued) now, then block until the driver answers it.
+
+        The answer is a control value (None: go on). A control the driver sent earlier (a stop,
+        say) answers at once: the driver does not answer items that arrive after it.
+        """
+        with self._lock:
+            self._buffer.append(item)
+            self._send_buffer_locked(time.monotonic())
+        answered = False
+        while not answered and self._control is None:
+            answered = self._receive()
         return self._control
 
     # -- internals -----------------------------------------------------------------------------
+    def _receive(self) -> bool:
+        """Take one message from the driver; True if it was a control for this task."""
+        message = pickle.loads(self._conn.recv_bytes())
+        if message[0] == "exit":
+            raise ExitRequested()
+        if message[0] != "ctl" or message[1] != self._task_id:
+            return False
+        if message[2] != GO:
+            self._control = message[2]
+        return True
+
     def _send_buffer_locked(self, now: float) -> None:
         items, self._buffer = self._buffer, []
         self._conn.send_bytes(pickle.dumps(("items", self._task_id, items), protocol=5))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtune.runtime import Event, WorkerGroup, WorkerHandle, WorkerPool
+from dtune.runtime import GO, Event, WorkerGroup, WorkerHandle, WorkerPool
 from dtune.tune.schedulers import Decision, Scheduler, TrialSuggestion
 from dtune.tune.search import Searcher
 from dtune.tune.store import FLUSH_INTERVAL_S, ExperimentStore
@@ -115,7 +115,6 @@ class TrialRunner:
         size = self.config.workers_per_trial
         idle = self.pool.idle()
         while len(idle) >= size:
-            workers, idle = idle[:size], idle[size:]
             suggestion = self.scheduler.choose_next(self._waiting) if self._waiting else None
             if suggestion is None:
                 trial = self._new_trial()
@@ -127,7 +126,20 @@ class TrialRunner:
                     f"{type(self.scheduler).__name__}.choose_next returned {suggestion!r}; it must "
                     "return a dtune.schedulers.TrialSuggestion or None."
                 )
+            if suggestion.end:
+                self._end_waiting(suggestion.trial)
+                continue
+            workers, idle = idle[:size], idle[size:]
             self._start(suggestion, workers)
+
+    def _end_waiting(self, trial: Trial) -> None:
+        if trial not in self._waiting or trial.status is not TrialStatus.PAUSED:
+            raise ValueError(
+                f"{type(self.scheduler).__name__}.choose_next asked to stop trial {trial.trial_id}, "
+                f"which is {trial.status}; TrialSuggestion.stop ends PAUSED trials only."
+            )
+        self._waiting.remove(trial)
+        self._complete(trial)
 
     def _new_trial(self) -> Trial | None:
         if len(self.trials) >= self.config.num_samples or self.searcher.is_finished:
@@ -185,6 +197,7 @@ class TrialRunner:
             checkpoint,
             trial.checkpoint_iteration if checkpoint else 0,
             time_offset,
+            True if self.config.stop is not None else self.scheduler.decision_points(trial),
         )
         trial.status = TrialStatus.RUNNING
         trial.stop_requested = trial.pause_requested = False
@@ -199,8 +212,11 @@ class TrialRunner:
             return
         trial = self._by_id[event.task_id[0]]
         group = self._running[trial.trial_id]
-        for result, checkpoint in event.items:
-            self._on_result(trial, result, checkpoint, group)
+        for result, checkpoint, awaited in event.items:
+            if result is None:
+                self._on_checkpoint(trial, checkpoint)
+            else:
+                self._on_result(trial, result, checkpoint, group, awaited)
         if not group.handle(self.pool, event):
             return  # other ranks are still running (or being taken down)
         del self._running[trial.trial_id]
@@ -222,8 +238,15 @@ class TrialRunner:
             else:
                 self._complete(trial)
 
+    def _on_checkpoint(self, trial: Trial, checkpoint: str) -> None:
+        """A checkpoint of the state at the trial's last result, sent after it (see Trainable)."""
+        trial.checkpoint = checkpoint
+        trial.checkpoint_iteration = trial.iteration
+        self._track_checkpoint(trial.trial_id, checkpoint)
+        self.store.update_trial(trial)
+
     def _on_result(
-        self, trial: Trial, result: dict[str, Any], checkpoint: str | None, group: WorkerGroup
+        self, trial: Trial, result: dict[str, Any], checkpoint: str | None, group: WorkerGroup, awaited: bool
     ) -> None:
         self.num_results += 1
         trial.num_results += 1
@@ -264,6 +287,8 @@ class TrialRunner:
         elif decision is Decision.PAUSE:
             trial.pause_requested = True
             group.control(self.pool, "pause")
+        elif awaited:
+            group.control(self.pool, GO)
 
     def _should_stop(self, trial_id: str, result: dict[str, Any]) -> bool:
         stop = self.config.stop

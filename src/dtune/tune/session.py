@@ -75,6 +75,7 @@ class _Session:
         checkpoint: str | None,
         start_iteration: int,
         time_offset: float,
+        decide_at: bool | frozenset[int] = False,
     ) -> None:
         self.channel = channel
         self.trial_id = trial_id
@@ -84,6 +85,7 @@ class _Session:
         self.iteration = start_iteration
         self.start = time.monotonic() - time_offset
         self.last = time.monotonic()
+        self.decide_at = decide_at
         self.rank = distributed.rank()
         self.world_size = distributed.world_size()
 
@@ -102,20 +104,36 @@ class _Session:
         result["time_this_iter_s"] = now - self.last
         result["time_total_s"] = now - self.start
         self.last = now
+        control = None
         if self.rank == 0:
-            path = None
-            if checkpoint is not None:
-                target = Path(
-                    self.experiment_dir, "trials", self.trial_id, f"checkpoint_{self.iteration:06d}"
-                )
-                self.checkpoint = checkpoint.write_to(target)
-                path = self.checkpoint.path
-            self.channel.emit((result, path), urgent=path is not None)
-        control = self.channel.control() if self.rank == 0 else None
+            path = self._write(checkpoint)
+            if self.waits_here():  # the scheduler decides on this result before the trial goes on
+                control = self.channel.emit_and_wait((result, path, True))
+            else:
+                self.channel.emit((result, path, False), urgent=path is not None)
+                control = self.channel.control()
         if self.world_size > 1:  # every rank stops or pauses at the same report
             control = _CONTROLS[distributed.broadcast_int(_CONTROLS.index(control))]
         if control is not None:
             raise TrialInterrupted(control)
+
+    def waits_here(self) -> bool:
+        """Whether the result of the current iteration is one the scheduler decides on in-band."""
+        return self.decide_at is True or (
+            isinstance(self.decide_at, frozenset) and self.iteration in self.decide_at
+        )
+
+    def attach_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Send a checkpoint of the state at the last reported result (rank 0; others ignore it)."""
+        if self.rank == 0:
+            self.channel.emit((None, self._write(checkpoint), False), urgent=True)
+
+    def _write(self, checkpoint: Checkpoint | None) -> str | None:
+        if checkpoint is None:
+            return None
+        target = Path(self.experiment_dir, "trials", self.trial_id, f"checkpoint_{self.iteration:06d}")
+        self.checkpoint = checkpoint.write_to(target)
+        return self.checkpoint.path
 
     def context(self) -> TrialContext:
         return TrialContext(self.trial_id, self.config, self.experiment_dir, self.iteration)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class TrialSpec:
     checkpoint: str | None
     start_iteration: int
     time_offset: float
+    decide_at: bool | frozenset[int] = False  # reports the scheduler answers before the trial goes on
 
 
 def _run_class(cls: type[Trainable], session: _Session) -> None:
@@ -80,21 +82,31 @@ def _run_class(cls: type[Trainable], session: _Session) -> None:
             result = dict(instance.step())
             done = bool(result.pop("done", False))
             due = cls.checkpoint_frequency and (session.iteration + 1) % cls.checkpoint_frequency == 0
-            checkpoint = None
             if done or due or session.channel.control() is not None:
-                scratch = tempfile.mkdtemp(prefix="dtune-save-")
-                try:
-                    instance.save(scratch)
-                    checkpoint = Checkpoint.from_directory(scratch)
+                with _saved(instance) as checkpoint:
                     session.report(result, checkpoint)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
             else:
-                session.report(result, None)
+                try:
+                    session.report(result, None)
+                except TrialInterrupted:  # decided on this very result: keep the state it came from
+                    with _saved(instance) as checkpoint:
+                        session.attach_checkpoint(checkpoint)
+                    raise
             if done:
                 return
     finally:
         instance.cleanup()
+
+
+@contextlib.contextmanager
+def _saved(instance: Trainable) -> Iterator[Checkpoint]:
+    """A checkpoint of ``instance`` in a scratch directory, removed once it has been reported."""
+    scratch = tempfile.mkdtemp(prefix="dtune-save-")
+    try:
+        instance.save(scratch)
+        yield Checkpoint.from_directory(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def run_trial(channel: Any, trainable: Callable[..., Any] | type[Trainable], spec: TrialSpec) -> str:
@@ -108,6 +120,7 @@ def run_trial(channel: Any, trainable: Callable[..., Any] | type[Trainable], spe
         spec.checkpoint,
         spec.start_iteration,
         spec.time_offset,
+        spec.decide_at,
     )
     _session_module._set_session(session)
     try:

@@ -29,7 +29,7 @@ import random
 from typing import Any
 
 from dtune.tune.schedulers._base import Decision, Scheduler
-from dtune.tune.schedulers._common import check_mode, check_number, score
+from dtune.tune.schedulers._common import check_mode, check_number, iteration_points, score
 from dtune.tune.trial import Trial
 
 __all__ = ["ASHA"]
@@ -97,6 +97,11 @@ class ASHA(Scheduler):
             return
         weights = [math.exp(len(r) - max(len(r) for r in self._rungs)) for r in self._rungs]
         self._bracket[trial.trial_id] = self._rng.choices(range(len(self._rungs)), weights)[0]
+
+    def decision_points(self, trial: Trial) -> bool | frozenset[int]:
+        if trial.trial_id not in self._bracket:
+            self.on_trial_add(trial)
+        return iteration_points(self.time_attr, [*self._rungs[self._bracket[trial.trial_id]], self.max_t])
 
     def on_result(self, trial: Trial, result: dict[str, Any]) -> Decision:
         t = result[self.time_attr]

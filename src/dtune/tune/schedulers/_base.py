@@ -36,6 +36,12 @@ class TrialSuggestion:
     trial: Trial
     config: dict[str, Any] | None = None
     donor: Trial | None = None
+    end: bool = False
+
+    @classmethod
+    def stop(cls, trial: Trial) -> TrialSuggestion:
+        """End a PAUSED trial where it is, without running it again (it counts as TERMINATED)."""
+        return cls(trial, end=True)
 
     @classmethod
     def start(cls, trial: Trial) -> TrialSuggestion:
@@ -95,6 +101,18 @@ class Scheduler:
             if paused is None and trial.status is TrialStatus.PAUSED and self.can_resume(trial):
                 paused = trial
         return None if paused is None else TrialSuggestion.resume(paused)
+
+    def decision_points(self, trial: Trial) -> bool | frozenset[int]:
+        """Which of ``trial``'s reports wait for this scheduler's decision before training goes on.
+
+        ``True``: every report; a set: the reports at these ``training_iteration`` values;
+        ``False`` (the default): none. A report that does not wait costs the trial nothing, but
+        a decision made on it reaches the trial a report or so later, so the trial overshoots a
+        rung by that much (what Ray Tune avoids by blocking every report). Schedulers that decide
+        at known milestones list them, so that they decide exactly there and nowhere else cost a
+        round trip to the driver. Asked each time the trial starts or resumes.
+        """
+        return False
 
     def can_resume(self, trial: Trial) -> bool:
         """Whether a PAUSED trial may run again now (HyperBand waits for its rung to fill)."""

@@ -20,7 +20,7 @@ from typing import Any
 from dtune.tune.results import metric_score
 from dtune.tune.trial import Trial, TrialStatus
 
-__all__ = ["SlotView", "check_mode", "check_number", "score"]
+__all__ = ["SlotView", "check_mode", "check_number", "iteration_points", "score"]
 
 #: Consecutive failed probes after which the search counts as exhausted. One is not enough: the
 #: searcher may have been waiting for the very results that arrive with the next call.
@@ -98,18 +98,24 @@ class SlotView:
         """Whether the search looks unable to create trials (see the module docstring)."""
         return self.failed_probes >= EXHAUSTED_AFTER
 
-    def active(self, but: str | None = None, leaving: Iterable[str] = ()) -> list[Trial]:
-        """Trials that will keep a slot busy: running, with no stop or pause on the way.
-
-        ``leaving``: trials the scheduler means to stop at their next result anyway.
-        """
-        leaving = set(leaving)
+    def active(self, but: str | None = None) -> list[Trial]:
+        """Trials that will keep a slot busy: running, with no stop or pause on the way."""
         return [
             t
             for t in self.live.values()
             if t.trial_id != but
-            and t.trial_id not in leaving
             and t.status is TrialStatus.RUNNING
             and not t.pause_requested
             and not t.stop_requested
         ]
+
+
+def iteration_points(time_attr: str, milestones: Iterable[float]) -> bool | frozenset[int]:
+    """``Scheduler.decision_points`` for decisions at ``milestones`` of ``time_attr``.
+
+    Milestones in training iterations become the first iteration reaching each; any other time
+    attribute cannot be known ahead, so every report waits.
+    """
+    if time_attr != "training_iteration":
+        return True
+    return frozenset(math.ceil(m - 1e-9) for m in milestones)

@@ -19,10 +19,10 @@ and one already certain to be outside stops at once.
 
 Working within the runner's contract (see ``_common.SlotView``): the scheduler keeps one trial
 running while others wait, so that the runner can keep asking the searcher for trials; when it
-can get none, the bracket being filled is closed with the trials it has. Until the runner can
-finish a PAUSED trial itself, a paused trial that loses is resumed only to be stopped at its
-first result, which costs it a restore and an iteration or two. With a single slot no trial
-ever waits, and HyperBand runs trials to the end one after another.
+can get none, the bracket being filled is closed with the trials it has. A paused trial that
+loses is ended where it paused (``TrialSuggestion.stop``), and every rung is decided on the
+result reported at it (see ``decision_points``). With a single slot no trial ever waits, and
+HyperBand runs trials to the end one after another.
 
 Example:
     >>> import dtune
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dtune.tune.schedulers._base import Decision, Scheduler, TrialSuggestion
-from dtune.tune.schedulers._common import SlotView, check_mode, check_number, score
+from dtune.tune.schedulers._common import SlotView, check_mode, check_number, iteration_points, score
 from dtune.tune.trial import Trial, TrialStatus
 
 __all__ = ["HyperBand"]
@@ -92,7 +92,6 @@ class HyperBand(Scheduler):
         self._rung: dict[str, int] = {}  # the rung a trial heads for or waits at
         self._values: dict[str, dict[int, float]] = {}  # scores at the rungs it reached
         self._ended: set[str] = set()
-        self._to_stop: set[str] = set()
         self._view = SlotView()
 
     # -- the plan ----------------------------------------------------------------------------------
@@ -177,6 +176,11 @@ class HyperBand(Scheduler):
         self._rung[trial.trial_id] = 0
         self._values[trial.trial_id] = {}
 
+    def decision_points(self, trial: Trial) -> bool | frozenset[int]:
+        if trial.trial_id not in self._bracket_of:
+            return True  # added under another scheduler: decided on every result
+        return iteration_points(self.time_attr, self._brackets[self._bracket_of[trial.trial_id]].milestones)
+
     def on_result(self, trial: Trial, result: dict[str, Any]) -> Decision:
         self._view.see([trial])
         self._close_if_exhausted()
@@ -184,7 +188,7 @@ class HyperBand(Scheduler):
         if tid not in self._bracket_of:
             self.on_trial_add(trial)
         t = result[self.time_attr]
-        if tid in self._to_stop or t >= self.max_t:
+        if t >= self.max_t:
             return Decision.STOP
         b = self._brackets[self._bracket_of[tid]]
         self._record(tid, result)
@@ -194,7 +198,7 @@ class HyperBand(Scheduler):
                 self._rung[tid] += 1
             elif fate is _Fate.ELIMINATE:
                 return Decision.STOP
-            elif self._view.active(but=tid, leaving=self._to_stop):
+            elif self._view.active(but=tid):
                 return Decision.PAUSE
             else:
                 return Decision.CONTINUE  # hold: keep a slot busy while the rung fills
@@ -212,7 +216,6 @@ class HyperBand(Scheduler):
     def _ended_trial(self, trial: Trial) -> None:
         self._view.see([trial])
         self._ended.add(trial.trial_id)
-        self._to_stop.discard(trial.trial_id)
 
     def on_trial_complete(self, trial: Trial, result: dict[str, Any] | None) -> None:
         self._ended_trial(trial)
@@ -227,18 +230,18 @@ class HyperBand(Scheduler):
         for trial in waiting:
             if trial.status is TrialStatus.PENDING:
                 return TrialSuggestion.start(trial)
-        promote, stop, wait = [], [], []
+        promote, wait = [], []
         cache: dict[int, list[dict[str, _Fate]]] = {}
         for trial in waiting:
             tid = trial.trial_id
             if tid not in self._bracket_of:  # paused under another scheduler: just go on
                 return TrialSuggestion.resume(trial)
-            # a pause lands a result or two after the decision; the result it landed on may be
-            # the trial's value at the next rung (it resumes from there), which no call showed
+            # a held trial's pause can land after its next rung (decided asynchronously there);
+            # the result it landed on is then its value at that rung, which no call showed
             self._record(tid, trial.last_result)
             fate = self._fate(tid, cache)
-            if tid in self._to_stop or fate is _Fate.ELIMINATE:
-                stop.append(trial)
+            if fate is _Fate.ELIMINATE:
+                return TrialSuggestion.stop(trial)  # ends where it paused; takes no slot
             elif fate is _Fate.PROMOTE:
                 promote.append(trial)
             elif fate is _Fate.WAIT:
@@ -247,13 +250,10 @@ class HyperBand(Scheduler):
             trial = min(promote, key=lambda t: self._order[t.trial_id])
             self._rung[trial.trial_id] += 1
             return self._resume(trial)
-        busy = bool(self._view.active(leaving=self._to_stop))
+        busy = bool(self._view.active())
         if busy and not self._view.exhausted:  # fill the bracket first; losers can wait
             self._view.decline()
             return None
-        if stop:  # until the runner can end a paused trial, it runs to its next result
-            self._to_stop.add(stop[0].trial_id)
-            return TrialSuggestion.resume(stop[0])
         if wait and not busy:  # every slot idle: run the likeliest winner on
             best = max(wait, key=lambda t: self._values[t.trial_id][self._rung[t.trial_id]])
             return self._resume(best)

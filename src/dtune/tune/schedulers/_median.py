@@ -86,6 +86,9 @@ class MedianStopping(Scheduler):
             return None
         return statistics.median(means)
 
+    def decision_points(self, trial: Trial) -> bool | frozenset[int]:
+        return True  # may decide on any result
+
     def on_result(self, trial: Trial, result: dict[str, Any]) -> Decision:
         t = result[self.time_attr]
         history = self._histories.setdefault(trial.trial_id, _History())

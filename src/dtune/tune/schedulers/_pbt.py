@@ -182,6 +182,9 @@ class PBT(Scheduler):
         self._order.setdefault(trial.trial_id, len(self._order))
         self._last.setdefault(trial.trial_id, 0.0)
 
+    def decision_points(self, trial: Trial) -> bool | frozenset[int]:
+        return True  # may decide on any result
+
     def on_result(self, trial: Trial, result: dict[str, Any]) -> Decision:
         self._view.see([trial])
         tid = trial.trial_id
