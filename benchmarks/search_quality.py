@@ -28,7 +28,8 @@ better model.
 
 Ray Tune is installed on first use by ``anchors/setup_ray_venv.sh`` (+ ``setup_ray_digits.sh``
 for torch and scikit-learn). Writes ``results/search_quality.json`` (every run) and
-``results/search_quality.md`` (the summary table, also printed).
+``results/search_quality.md`` (the summary table, also printed); ``--tag T`` names them
+``search_quality-T.*`` so that runs of different problems can be kept side by side.
 """
 
 from __future__ import annotations
@@ -270,6 +271,7 @@ def main() -> None:
     parser.add_argument("--problems", default="curve,hartmann,digits")
     parser.add_argument("--pairs", default="asha,hb,hbtpe,pbt")
     parser.add_argument("--quick", action="store_true", help="a fifth of the trials: a smoke test")
+    parser.add_argument("--tag", default="", help="results go to search_quality-TAG.{json,md}")
     parser.add_argument("--step-s", type=float, default=STEP_S, help="work (sleep) per synthetic step")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--problem", help=argparse.SUPPRESS)
@@ -315,10 +317,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     meta = {"seeds": args.seeds, "quick": args.quick, "step_s": args.step_s, "problems": PROBLEMS, "pbt": PBT,
             "elapsed_s": time.time() - started, "cpus": os.cpu_count()}  # fmt: skip
-    (RESULTS / "search_quality.json").write_text(
-        json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1)
-    )
-    (RESULTS / "search_quality.md").write_text(table + "\n")
+    name = "search_quality" + (f"-{args.tag}" if args.tag else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=1))
+    (RESULTS / f"{name}.md").write_text(table + "\n")
     print("\n" + table)
 
 

@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORLD = 4  # ranks 0, 1: trainers; rank 2: embedding server; rank 3: sync server (EASGD's centre)
 SPARSE_LR = 10.0  # SGD on the embedding rows (the loss is a batch mean, so row gradients are small)
 DENSE_LR = 0.05  # Adagrad on the dense part
-PACED_DUTY = 0.25  # shadow arms that leave 75% of the time (link, CPU) to training
+PACED_DUTIES = (0.25, 0.05)  # shadow arms that leave 75% / 95% of the time (link, CPU) to training
 WARMUP = {"name": "warm-up", "kind": "fg", "alg": "none", "k": 1}
 SERVERS: dict[str, Any] = {"servers": 2, "dedicated_sync_server": True, "sparse_lr": SPARSE_LR}
 _DATA: dict[int, Any] = {}  # seed -> (task, training examples, held-out examples), per process
@@ -52,9 +52,10 @@ def arms(quick: bool) -> list[dict[str, Any]]:
     for alg in ("ma", "easgd", "bmuf"):
         out.append({"name": f"S-{alg.upper()}", "kind": "shadow", "alg": alg, "apply": "delta", "duty": 1.0})
     out.append({"name": "S-MA overwrite", "kind": "shadow", "alg": "ma", "apply": "overwrite", "duty": 1.0})
-    for alg in ("ma", "easgd", "bmuf"):
-        name = f"S-{alg.upper()} duty {PACED_DUTY:g}"
-        out.append({"name": name, "kind": "shadow", "alg": alg, "apply": "delta", "duty": PACED_DUTY})
+    for duty in PACED_DUTIES[:1] if quick else PACED_DUTIES:
+        for alg in ("ma", "easgd", "bmuf"):
+            name = f"S-{alg.upper()} duty {duty:g}"
+            out.append({"name": name, "kind": "shadow", "alg": alg, "apply": "delta", "duty": duty})
     out.append({"name": "all-reduce", "kind": "fg", "alg": "allreduce", "k": 1})
     return out
 
@@ -254,12 +255,11 @@ def checks(table: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for label, rows in table.items():
         shadow = [r for r in rows if r["arm"].startswith("S-")]
-        worst = min(shadow, key=lambda r: r["of_no_sync"]) if shadow else None
-        if worst is not None:
-            ok = worst["of_no_sync"] >= 0.95
+        for r in shadow:
+            ok = r["of_no_sync"] >= 0.95
             lines.append(
-                f"{label}: slowest shadow arm ({worst['arm']}) runs at {worst['of_no_sync']:.1%} of no-sync "
-                f"throughput: {'PASS' if ok else 'FAIL'} (target >= 95%)"
+                f"{label}: {r['arm']} runs at {r['of_no_sync']:.1%} of no-sync throughput: "
+                f"{'PASS' if ok else 'FAIL'} (target >= 95%)"
             )
         foreground = [r for r in rows if r["arm"].startswith("FG")]
         if foreground and shadow:
@@ -331,7 +331,7 @@ def main() -> None:
     cfg = {
         "arms": arm_list,
         "seeds": [0] if args.quick else [0, 1, 2],
-        "examples": 8_000 if args.quick else 30_000,  # per trainer, one pass
+        "examples": 8_000 if args.quick else 60_000,  # per trainer, one pass (a few seconds per arm)
         "held_out": 20_000,
         "batch": 256,
         "timeout_s": 600 if args.quick else 1500,
