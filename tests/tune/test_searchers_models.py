@@ -176,6 +176,14 @@ def test_bohb_waits_for_observations_then_models_the_largest_budget():
     assert searcher.model_budgets == [None, None, None, 1, 2]
 
 
+def test_bohb_splits_good_and_bad_as_the_paper_does():
+    searcher = setup(BOHB(seed=0), 10)  # the test space has d hyper-parameters
+    d = len(searcher._space.distributions)
+    assert searcher._good_points(d + 3) == d + 1  # at least d + 1 good points (Optuna: 10%, >= 1)
+    assert searcher._good_points(200) == 30  # the best 15% beyond that
+    assert searcher._good_points(2) == 1  # always leaves a bad one
+
+
 def test_bohb_does_not_wait_when_nothing_is_out():
     searcher = setup(BOHB(seed=0, min_points_in_model=3), 10)
     for i in range(3):

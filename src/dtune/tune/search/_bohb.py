@@ -10,7 +10,8 @@ were stopped early as well as from those that ran to ``max_t``. A new config is 
 the observations at the *largest* budget that has at least ``min_points_in_model`` of them
 (default: number of hyper-parameters + 2); a fraction ``random_fraction`` of configs is drawn
 at random regardless, which keeps HyperBand's guarantees. The density model is Optuna's
-multivariate TPE, one study per budget, in place of the paper's own KDE.
+multivariate TPE, one study per budget, in place of the paper's own KDE, with the paper's split
+of the observations: the best ``max(d + 1, top_fraction n)`` of ``n`` are the "good" ones.
 
 **Suggestions wait for results.** Until some budget has ``min_points_in_model`` observations,
 at most that many random configs may be waiting for their first result; further calls return
@@ -25,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
 from collections.abc import Mapping
@@ -56,6 +58,7 @@ class BOHB(Searcher):
         seed: int | None = None,
         min_points_in_model: int | None = None,
         random_fraction: float = 1 / 3,
+        top_fraction: float = 0.15,
         points_to_evaluate: Points = None,
         time_attr: str = "training_iteration",
         metric: str | None = None,
@@ -64,8 +67,10 @@ class BOHB(Searcher):
         if min_points_in_model is not None:
             check_number("min_points_in_model", min_points_in_model, low=1, integer=True)
         check_number("random_fraction", random_fraction, low=0, high=1)
+        check_number("top_fraction", top_fraction, low=0, high=1, strict=True)
         check_mode(mode)
         self.seed, self.min_points_in_model, self.random_fraction = seed, min_points_in_model, random_fraction
+        self.top_fraction = top_fraction
         self.points_to_evaluate = check_points(points_to_evaluate)
         self.time_attr, self.metric, self.mode = time_attr, metric, mode
         self._rng = random.Random(seed)
@@ -109,7 +114,9 @@ class BOHB(Searcher):
         study = self._studies.get(budget)
         if study is None:
             seed = self._rng.randrange(2**31)
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=0, multivariate=True)
+            sampler = optuna.samplers.TPESampler(
+                seed=seed, n_startup_trials=0, multivariate=True, gamma=self._good_points
+            )
             study = self._studies[budget] = quiet_study(self.mode or "min", sampler)
         seen = list(self._obs[budget].items())
         for trial_id, value in seen[self._fed.get(budget, 0) :]:
@@ -118,6 +125,15 @@ class BOHB(Searcher):
         trial = study.ask(dists)
         study.tell(trial, state=TrialState.FAIL)  # a proposal, not an observation
         return dict(trial.params)
+
+    def _good_points(self, n: int) -> int:
+        """BOHB's split of ``n`` observations: the best ``max(d + 1, top_fraction n)`` are "good".
+
+        Optuna's default (10%, at least 1) would fit the good density to one or two points of a
+        few noisy ones at the top budget; the paper keeps at least d + 1 on each side.
+        """
+        dims = len(self._space.distributions) if self._space is not None else 1
+        return max(1, min(n - 1, max(dims + 1, math.ceil(self.top_fraction * n))))
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if self._space is None:
