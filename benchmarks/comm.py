@@ -30,6 +30,7 @@ needs it and it is missing (or that condition is skipped, saying why).
 
     python benchmarks/comm.py                     # full matrix (~20 min on 2 quiet cores)
     python benchmarks/comm.py --quick             # smoke run (~2 min)
+    python benchmarks/comm.py --quick --conditions unshaped --methods ddp_fp32 dtune_qsgd
     python benchmarks/comm.py --conditions unshaped 100mbit --methods ddp_fp32 dtune_topk
 """
 
@@ -291,7 +292,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 conditions, 4 methods, 1 seed")
     parser.add_argument("--conditions", nargs="+", choices=list(CONDITIONS), default=list(CONDITIONS))
-    parser.add_argument("--methods", nargs="+", choices=ANCHORS + DTUNE, default=ANCHORS + DTUNE)
+    parser.add_argument(
+        "--methods", nargs="+", choices=ANCHORS + DTUNE, default=None, help="default: all (--quick: four)"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300, help="steps of the accuracy runs")
     parser.add_argument("--timing-steps", type=int, default=35, help="steps per method on shaped links")
@@ -313,9 +316,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.conditions = [c for c in args.conditions if c in ("unshaped", "100mbit")] or ["unshaped"]
-        args.methods = ["ddp_fp32", "ddp_powersgd1", "dtune_topk", "dtune_powersgd1"]
+        args.methods = args.methods or ["ddp_fp32", "ddp_powersgd1", "dtune_topk", "dtune_powersgd1"]
         args.seeds, args.steps, args.timing_steps, args.eval_every = [0], 60, 10, 20
         args.out = args.out if args.out != "comm" else "comm_quick"
+    args.methods = args.methods or ANCHORS + DTUNE
     if "unshaped" not in args.conditions:
         args.conditions.insert(0, "unshaped")  # accuracy and time-to-target come from it
     if "ddp_fp32" not in args.methods:

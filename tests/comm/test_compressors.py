@@ -9,6 +9,7 @@ import math
 import pickle
 import pkgutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -301,3 +302,112 @@ def test_docstring_examples_run():
         module = importlib.import_module(f"dtune.comm.{info.name}")
         result = doctest.testmod(module)
         assert result.failed == 0, info.name
+
+
+GATHERED = ["topk", "topk_exact", "qsgd4", "qsgd8", "efsign", "threshold"]
+
+
+@pytest.mark.parametrize("name", GATHERED)
+def test_every_rank_sums_the_gathered_payloads_to_the_same_bits(name):
+    """Three ranks' payloads aggregated on each rank: float sums must round alike everywhere."""
+    compressor, world = EVERY[name], 3
+    buckets = [
+        comm.BucketState(index=0, shapes=SHAPES, rank=r, world_size=world, seed=0) for r in range(world)
+    ]
+    payloads = []
+    for rank, bucket in enumerate(buckets):
+        compressor.init_bucket(bucket)
+        grads = _flat(_grads(rank)) * (rank + 1)  # ranks of different scales round differently
+        payloads.append(compressor.compress(grads, bucket))
+    results = []
+    for rank, bucket in enumerate(buckets):
+        gathered = [comm.Payload(p.tensor.clone(), payloads[rank].meta) for p in payloads]
+        results.append(compressor.aggregate(gathered, bucket, torch.empty(NUMEL)))
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+def test_qsgd_rounding_noise_is_numpys_float32_uniforms():
+    compressor = comm.QSGD()
+    bucket = comm.BucketState(index=0, shapes=(torch.Size([1000]),), rank=0, world_size=1, seed=3)
+    compressor.init_bucket(bucket)
+    seed_state = bucket.data["rng"].bit_generator.state
+    noise = compressor._noise(bucket, 1000) * 2.0**-24
+    reference = np.random.Generator(np.random.SFC64())
+    reference.bit_generator.state = seed_state
+    assert torch.equal(noise, torch.from_numpy(reference.random(1000, dtype=np.float32)))
+
+
+@pytest.mark.parametrize("levels", [7, 100])
+def test_qsgd_decodes_every_code(levels):
+    """Every byte of 4-bit codes (two nibbles, each level + 8) and of int8 levels decodes exactly."""
+    compressor = comm.QSGD(levels=levels, chunk_size=1 << 20)
+    numel = 512 if levels <= 7 else 256
+    bucket = comm.BucketState(index=0, shapes=(torch.Size([numel]),), rank=0, world_size=1, seed=0)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    if levels <= 7:
+        codes = torch.cat([codes, codes])[: numel // 2]
+        want = torch.stack([(codes & 15).float() - 8, (codes >> 4).float() - 8], dim=1).reshape(-1)
+    else:
+        want = codes.view(torch.int8).float()
+    norm = torch.tensor([float(levels)])  # step ||chunk|| / s = 1: the levels themselves
+    payload = comm.Payload(torch.cat([norm.view(torch.uint8), codes]))
+    assert torch.equal(compressor.decompress(payload, bucket, torch.empty(numel)), want)
+
+
+def test_qsgd_folds_the_world_size_into_its_norms_bit_for_bit():
+    compressor, x = comm.QSGD(levels=7, chunk_size=64), _flat(_grads(0))
+
+    def payload(world, undivided):
+        bucket = comm.BucketState(index=0, shapes=SHAPES, rank=0, world_size=world, seed=0)
+        compressor.init_bucket(bucket)
+        if undivided:
+            return compressor.compress_undivided(x.clone(), bucket).tensor.clone()
+        return compressor.compress(x / world, bucket).tensor.clone()
+
+    for world in (2, 4, 3):  # 3: not a power of 2, divided first
+        assert torch.equal(payload(world, True), payload(world, False)), world
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_residual_memory_divides_by_the_world_size_as_a_division_would(world):
+    memory, x, residual = comm.ResidualMemory(), _flat(_grads(0)), _flat(_grads(1))
+    bucket = comm.BucketState(index=0, shapes=SHAPES, rank=0, world_size=world, seed=0)
+    assert torch.equal(memory.compensate(x, bucket), x / world)  # first step: nothing held back
+    memory.update(residual.clone(), bucket)
+    assert torch.equal(memory.compensate(x, bucket), residual + x / world)
+    assert torch.equal(comm.NoMemory().compensate(x.clone(), bucket), x / world)
+
+
+@pytest.mark.parametrize("selection", list(comm.Selection))
+def test_top_k_breaks_ties_at_the_kth_value_toward_the_lowest_positions(selection):
+    # 60,000 entries on 8 values: the k-th largest is tied with thousands of others
+    values = (torch.randperm(60_000, generator=torch.Generator().manual_seed(1)) % 8).float()
+    k = 10_000
+    order = sorted(range(values.numel()), key=lambda i: (-values[i].item(), i))
+    want = torch.zeros_like(values)
+    want[order[:k]] = values[order[:k]]
+    grads = [values.clone()]
+    comm.CommState(
+        comm.TopK(ratio=k / values.numel(), selection=selection), memory=comm.NoMemory()
+    ).all_reduce(grads)
+    assert torch.equal(grads[0], want)
+
+
+def test_sign_sends_both_zeros_as_plus_one():
+    state = comm.CommState(comm.EFSignSGD())
+    grads = [torch.tensor([0.0, -0.0, 2.0, -2.0])]  # mean |g| = 1
+    state.all_reduce(grads)
+    assert grads[0].tolist() == [1.0, 1.0, 1.0, -1.0]
+    assert state.memory.residuals[0].tolist() == [-1.0, -1.0, 1.0, -1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(EVERY))
+def test_half_precision_buckets_are_compressed_in_their_dtype(name, dtype):
+    """DDP buckets of fp16/bf16 models (numpy has no bfloat16: the numpy paths must not see one)."""
+    state = comm.CommState(EVERY[name])
+    for numel in (NUMEL, 40_001):  # 40,001: past top-k's exact-selection cut-off
+        for step in range(2):
+            grads = [torch.randn(numel, generator=torch.Generator().manual_seed(step)).to(dtype)]
+            state.all_reduce(grads, bucket=numel)
+            assert grads[0].dtype == dtype and torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0

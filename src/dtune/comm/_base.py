@@ -118,7 +118,8 @@ class Compressor(abc.ABC):
     when the held-back part is cheaper to compute directly, :meth:`init_bucket` for per-bucket
     data, and :meth:`exchange` only for multi-round schemes (PowerSGD).
 
-    Inputs are already divided by the world size, so the sum over ranks is the average.
+    Inputs are compensated by the memory and divided by the world size (see
+    :meth:`Memory.compensate <dtune.comm.Memory.compensate>`), so the sum over ranks is the average.
     Any compressor is also a DDP communication hook provider::
 
         ddp.register_comm_hook(*compressor.ddp_hook())
@@ -164,15 +165,29 @@ class Compressor(abc.ABC):
         sent = self.decompress(payload, bucket, bucket.buffer("sent", tensor.numel(), tensor.dtype))
         return tensor.sub_(sent)
 
+    def compress_undivided(self, tensor: torch.Tensor, bucket: BucketState) -> Payload:
+        """The payload of ``tensor / bucket.world_size``, for a memory that only divides.
+
+        The default divides ``tensor`` (the bucket) in place and calls :meth:`compress`;
+        compressors whose first pass can absorb the division override this and save a pass
+        over the bucket (QSGD divides its chunk norms instead).
+        """
+        if bucket.world_size > 1:
+            tensor.div_(bucket.world_size)
+        return self.compress(tensor, bucket)
+
     def exchange(
         self, tensor: torch.Tensor, bucket: BucketState, comm: Communicator, memory: Memory
     ) -> torch.futures.Future[torch.Tensor]:
         """One round: compensate, compress, keep the residual, collective, decompress into ``tensor``."""
         with comm.accounting.timed():
-            compensated = memory.compensate(tensor, bucket)
-            payload = self.compress(compensated, bucket)
-            if memory.keeps_residual:
-                memory.update(self.residual(compensated, payload, bucket), bucket)
+            if memory.divides_only:
+                payload = self.compress_undivided(tensor, bucket)
+            else:
+                compensated = memory.compensate(tensor, bucket)
+                payload = self.compress(compensated, bucket)
+                if memory.keeps_residual:
+                    memory.update(self.residual(compensated, payload, bucket), bucket)
         if self.collective is Collective.ALL_REDUCE:
             meta = payload.meta
 

@@ -105,9 +105,8 @@ class CommState:
         """
         bucket = self.bucket(index, shapes)
         self.accounting.add(bucket=index, dense=buffer.numel() * buffer.element_size())
-        size = self.comm.world_size
-        if size > 1:
-            buffer.div_(size)  # before compressing: sums of the payloads are then averages
+        # the memory divides by the world size (sums of the payloads are then averages), fused
+        # with adding its residual
         fut = self.compressor.exchange(buffer, bucket, self.comm, self.memory)
 
         def into_buffer(result: torch.Tensor) -> torch.Tensor:

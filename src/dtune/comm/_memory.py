@@ -16,21 +16,39 @@ import torch
 
 from dtune.comm._base import BucketState
 
-__all__ = ["Memory", "NoMemory", "ResidualMemory"]
+__all__ = ["Memory", "NoMemory", "ResidualMemory", "scaled_add"]
+
+
+def scaled_add(out: torch.Tensor, tensor: torch.Tensor, divisor: int) -> torch.Tensor:
+    """``out += tensor / divisor`` in place, bit for bit, in one pass when ``divisor`` is a power of 2.
+
+    Multiplying by ``1 / divisor`` equals dividing exactly when that reciprocal is a power of 2,
+    so the division rides along in ``add_``'s ``alpha``; any other divisor is divided first
+    (two passes), so that results never depend on how the division was fused.
+    """
+    if divisor & (divisor - 1) == 0:
+        return out.add_(tensor, alpha=1.0 / divisor) if divisor > 1 else out.add_(tensor)
+    return out.add_(torch.div(tensor, divisor))
 
 
 class Memory(abc.ABC):
     """Per-bucket memory: ``compensate`` before compressing, ``update`` with what was held back."""
 
     keeps_residual: bool = True
+    divides_only: bool = False
+    """``compensate`` only divides by the world size: compressors may fuse that division
+    (:meth:`Compressor.compress_undivided <dtune.comm.Compressor.compress_undivided>`)."""
 
     @abc.abstractmethod
     def compensate(self, tensor: torch.Tensor, bucket: BucketState) -> torch.Tensor:
-        """``tensor`` plus what was held back for this bucket.
+        """``tensor / bucket.world_size`` plus what was held back for this bucket.
 
-        A memory that keeps residuals returns a tensor it owns (never ``tensor``, which is the
-        bucket the result is written to), so compressors may turn it into the next residual in
-        place and hand that to :meth:`update`.
+        The division by the world size (so that the sum over ranks is the average) happens
+        here rather than before, so that a memory can fuse it with adding the residual: one
+        pass over the bucket instead of two (see :func:`scaled_add`). A memory that keeps
+        residuals returns a tensor it owns (never ``tensor``, which is the bucket the result is
+        written to), so compressors may turn it into the next residual in place and hand that
+        to :meth:`update`; ``tensor`` itself may be left undivided.
         """
 
     @abc.abstractmethod
@@ -56,8 +74,11 @@ class NoMemory(Memory):
     """
 
     keeps_residual = False
+    divides_only = True
 
     def compensate(self, tensor: torch.Tensor, bucket: BucketState) -> torch.Tensor:
+        if bucket.world_size > 1:
+            tensor.div_(bucket.world_size)
         return tensor
 
     def update(self, residual: torch.Tensor, bucket: BucketState) -> None:
@@ -91,11 +112,11 @@ class ResidualMemory(Memory):
     def compensate(self, tensor: torch.Tensor, bucket: BucketState) -> torch.Tensor:
         residual = self.residuals.get(bucket.index)
         if residual is None or residual.shape != tensor.shape or residual.dtype != tensor.dtype:
-            residual = tensor.clone()
-        elif self.decay == 1.0:
-            residual.add_(tensor)
+            residual = torch.div(tensor, bucket.world_size)
         else:
-            residual.mul_(self.decay).add_(tensor)
+            if self.decay != 1.0:
+                residual.mul_(self.decay)
+            scaled_add(residual, tensor, bucket.world_size)
         self.residuals[bucket.index] = residual  # compensated now; the residual again after update
         return residual
 

@@ -60,15 +60,14 @@ class RandomK(Compressor):
         unique: torch.Tensor = torch.unique(drawn)  # sorted too, so the gathers are cache-friendly
         return unique
 
+    # index_select / index_copy_ / index_fill_: tensor[indices] without advanced indexing's set-up
     def compress(self, tensor: torch.Tensor, bucket: BucketState) -> Payload:
         indices = self.indices(bucket)
-        return Payload(tensor[indices], meta=indices)
+        return Payload(tensor.index_select(0, indices), meta=indices)
 
     def decompress(self, payload: Payload, bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
         out.zero_()
-        out[payload.meta] = payload.tensor
-        return out
+        return out.index_copy_(0, payload.meta, payload.tensor)
 
     def residual(self, tensor: torch.Tensor, payload: Payload, bucket: BucketState) -> torch.Tensor:
-        tensor[payload.meta] = 0  # in place: the compensated bucket belongs to the memory
-        return tensor
+        return tensor.index_fill_(0, payload.meta, 0)  # in place: the compensated bucket is the memory's

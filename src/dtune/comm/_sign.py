@@ -8,8 +8,12 @@ general; this is also what the "1-bit SGD" of Seide et al. (Interspeech 2014) do
 scale instead of two per column. Ranks' scales differ, so the packed bits are all-gathered
 (``d/8`` bytes per rank) and every rank decodes and sums them in rank order.
 
-Bits are packed with numpy's ``packbits`` and decoded through a 256-entry table (one byte to
-eight signs), each a single pass over the bucket: on CPU these are the costs that matter.
+On CPU the cost is the number of passes over the bucket, so each is one vectorised kernel:
+numpy's comparison and ``packbits`` to encode; this rank's dense share ``2 s * [p >= 0] - s``
+(exactly ``+-s``) kept from the encoding, as the residual's subtrahend and as this rank's part
+of the sum; another rank's bits unpacked to bytes (``unpackbits``, no table look-up) and turned
+into ``+-s'`` the same way, a cast to floats and one fused multiply-add. Shares are summed in
+rank order, so every rank rounds alike.
 """
 
 from __future__ import annotations
@@ -23,9 +27,6 @@ import torch
 from dtune.comm._base import BucketState, Collective, Compressor, Payload
 
 __all__ = ["EFSignSGD"]
-
-# _SIGNS[b] = the eight signs (+1 for a set bit, least significant bit first) of byte b
-_SIGNS = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, 1.0, -1.0).astype(np.float32)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,41 +53,62 @@ class EFSignSGD(Compressor):
 
     def compress(self, tensor: torch.Tensor, bucket: BucketState) -> Payload:
         values = tensor.float()
-        scales = torch.stack([view.abs().mean() for view in bucket.views(values)])
-        positive = bucket.buffer("positive", dtype=torch.bool)
-        np.greater_equal(values.numpy(), 0, out=positive.numpy())
-        packed = torch.from_numpy(np.packbits(positive.numpy(), bitorder="little"))
+        magnitude = torch.abs(values, out=bucket.buffer("magnitude"))
+        scales = torch.stack([view.mean() for view in bucket.views(magnitude)])
+        positive = bucket.buffer("positive", dtype=torch.bool).numpy()
+        np.greater_equal(values.numpy(), 0, out=positive)
+        count = len(bucket.shapes)
+        payload = bucket.buffer("payload", 4 * count + (values.numel() + 7) // 8, torch.uint8)
+        payload[: 4 * count] = scales.view(torch.uint8)
+        payload[4 * count :] = torch.from_numpy(np.packbits(positive, bitorder="little"))
         # what this rank sends, dense: kept for the residual and for its own share of the sum
-        sent = bucket.buffer("sent")
-        for view, out, scale in zip(bucket.views(positive), bucket.views(sent), scales.tolist(), strict=True):
-            signed = out.numpy()
-            np.multiply(view.numpy(), np.float32(2 * scale), out=signed)
-            np.subtract(signed, np.float32(scale), out=signed)
-        return Payload(torch.cat([scales.view(torch.uint8), packed]), meta=sent)
+        sent = _signed(positive, scales.tolist(), bucket, bucket.buffer("sent"))
+        return Payload(payload, meta=sent)
 
-    def _signs(self, payload: Payload, bucket: BucketState) -> tuple[torch.Tensor, list[float]]:
-        """The +-1 signs of one payload (a work buffer of the bucket) and its scales."""
+    def _terms(self, payload: Payload, bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
+        """Write the dense tensor of one payload (exactly ``+-scale`` per entry) into ``out``."""
         count = len(bucket.shapes)
         scales = payload.tensor[: 4 * count].view(torch.float32).tolist()
-        packed = payload.tensor[4 * count :].numpy()
-        signs = bucket.buffer("signs", 8 * packed.size)
-        np.take(_SIGNS, packed, axis=0, out=signs.numpy().reshape(-1, 8))
-        return signs[: bucket.numel], scales
+        bits = np.unpackbits(payload.tensor[4 * count :].numpy(), count=bucket.numel, bitorder="little")
+        return _signed(bits, scales, bucket, out)
 
     def decompress(self, payload: Payload, bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
-        signs, scales = self._signs(payload, bucket)
-        for view, target, scale in zip(bucket.views(signs), bucket.views(out), scales, strict=True):
-            torch.mul(view, scale, out=target)
-        return out
+        if out.dtype == torch.float32:
+            return self._terms(payload, bucket, out)
+        return out.copy_(self._terms(payload, bucket, bucket.buffer("dense")))
 
     def aggregate(self, payloads: list[Payload], bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
-        out.copy_(payloads[bucket.rank].meta)  # this rank's own share, already dense
-        for rank, payload in enumerate(payloads):
-            if rank != bucket.rank:
-                signs, scales = self._signs(payload, bucket)
-                for view, target, scale in zip(bucket.views(signs), bucket.views(out), scales, strict=True):
-                    target.add_(view, alpha=scale)
-        return out
+        # summed in rank order, so that every rank rounds alike; the first two terms commute
+        # exactly, so rank 0 also starts with a decoded term, written straight into the result
+        order = list(range(len(payloads)))
+        if bucket.rank == 0 and len(order) > 1:
+            order[:2] = [1, 0]
+        total = out if out.dtype == torch.float32 else bucket.buffer("dense")
+        for position, rank in enumerate(order):
+            if rank == bucket.rank:  # this rank's own share, already dense
+                term = payloads[rank].meta
+                if position == 0:
+                    total.copy_(term)
+            elif position == 0:
+                term = self._terms(payloads[rank], bucket, total)
+            else:
+                term = self._terms(payloads[rank], bucket, bucket.buffer("term"))
+            if position > 0:
+                total.add_(term)
+        return out if total is out else out.copy_(total)
 
     def residual(self, tensor: torch.Tensor, payload: Payload, bucket: BucketState) -> torch.Tensor:
         return tensor.sub_(payload.meta)  # in place: the compensated bucket belongs to the memory
+
+
+def _signed(bits: np.ndarray, scales: list[float], bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
+    """``out = scale * (2 bit - 1)`` per tensor of the bucket, from 0/1 ``bits`` (bool or uint8).
+
+    The bits become floats in one numpy cast, then ``-s + 2 s * bit`` is one ``add`` per tensor;
+    both exact (the product is ``2 s`` or 0), so a rank's own share and the same share decoded
+    on another rank are equal bit for bit.
+    """
+    np.copyto(out.numpy(), bits, casting="unsafe")
+    for view, scale in zip(bucket.views(out), scales, strict=True):
+        torch.add(torch.tensor(-scale), view, alpha=2 * scale, out=view)
+    return out

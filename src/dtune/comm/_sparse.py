@@ -12,7 +12,7 @@ import torch
 
 from dtune.comm._base import BucketState, Compressor, Payload
 
-__all__ = ["SparseCompressor", "at_least", "pack", "unpack"]
+__all__ = ["SparseCompressor", "as_numpy", "at_least", "largest", "pack", "unpack"]
 
 
 def pack(indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,55 @@ def at_least(magnitude: torch.Tensor, threshold: float, mask: torch.Tensor | Non
     ``mask`` is an optional bool work buffer of the same size.
     """
     out = None if mask is None else mask.numpy()
-    return torch.from_numpy(np.flatnonzero(np.greater_equal(magnitude.numpy(), threshold, out=out)))
+    return torch.from_numpy(np.flatnonzero(np.greater_equal(as_numpy(magnitude), threshold, out=out)))
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """``tensor`` as a numpy array: a view, or an exact float32 copy of bfloat16 (numpy has none)."""
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def largest(
+    magnitude: torch.Tensor, k: int, bucket: BucketState, candidates: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Positions (int64, ascending) of the ``k`` largest entries of a 1-D float tensor.
+
+    With ``candidates`` (ascending positions holding at least the ``k`` largest), only those
+    are searched. Ties at the k-th largest value go to the lowest positions, so the result is
+    the same whichever superset of candidates it was searched in. The k-th largest value comes
+    from numpy's introselect (``partition``, linear time) on a copy: over 1.6M entries it takes
+    2-3 ms where ``torch.topk`` takes over 20.
+    """
+    values = as_numpy(magnitude)
+    if candidates is None:
+        size = values.size
+        if k >= size:
+            return torch.arange(size)
+        scratch = bucket.buffer("partition", size, torch.from_numpy(values).dtype).numpy()  # reused
+        np.copyto(scratch, values)
+    else:
+        values = values[candidates.numpy()]  # a copy of the candidates only
+        size = values.size
+        if k >= size:
+            return candidates
+        scratch = values.copy()
+    scratch.partition(size - k)
+    kth = float(scratch[size - k])
+    if candidates is None:
+        chosen = at_least(magnitude, kth, bucket.buffer("mask", size, torch.bool)).numpy()
+        if chosen.size > k:
+            values = values[chosen]
+    else:
+        chosen = np.flatnonzero(values >= kth)
+        values = values[chosen]
+        chosen = candidates.numpy()[chosen]
+    if chosen.size < k:  # a NaN compares false: leave such a bucket to torch's ordering
+        return magnitude.topk(k, sorted=False).indices.sort().values
+    if chosen.size > k:  # ties at the k-th value: all above it, then the first ones equal to it
+        keep = values > kth
+        keep[np.flatnonzero(values == kth)[: k - int(keep.sum())]] = True
+        chosen = chosen[keep]
+    return torch.from_numpy(chosen)
 
 
 class SparseCompressor(Compressor):
@@ -49,14 +97,17 @@ class SparseCompressor(Compressor):
         """Indices (int64) of the entries of ``tensor`` to send."""
         raise NotImplementedError
 
+    # index_select / index_copy_ / index_fill_ rather than tensor[indices]: the same gathers and
+    # scatters without advanced indexing's set-up, about half the time for ~10^4 indices
+
     def compress(self, tensor: torch.Tensor, bucket: BucketState) -> Payload:
         indices = self.select(tensor, bucket)
-        return Payload(pack(indices, tensor[indices]), meta=indices)
+        return Payload(pack(indices, tensor.index_select(0, indices)), meta=indices)
 
     def decompress(self, payload: Payload, bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
         indices, values = unpack(payload.tensor, out.dtype)
         out.zero_()
-        out[indices] = values
+        out.index_copy_(0, indices.long(), values)
         return out
 
     def aggregate(self, payloads: list[Payload], bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
@@ -67,5 +118,4 @@ class SparseCompressor(Compressor):
         return out
 
     def residual(self, tensor: torch.Tensor, payload: Payload, bucket: BucketState) -> torch.Tensor:
-        tensor[payload.meta] = 0  # in place: the compensated bucket belongs to the memory
-        return tensor
+        return tensor.index_fill_(0, payload.meta, 0)  # in place: the compensated bucket is the memory's

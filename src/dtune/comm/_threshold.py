@@ -3,10 +3,11 @@
 Gupta et al., "Training Recommender Systems at Scale: Communication-Efficient Model and Data
 Parallelism" (KDD 2021, arXiv 2010.08899). Every ``refresh_every`` steps a rank computes the
 threshold as the k-th largest magnitude of its compensated gradient ``|g + e|`` (an exact
-top-k, amortized over L steps); on the other steps it sends every entry whose magnitude is at
-least that threshold, which is one comparison and no sort. What is not sent stays as error
-feedback. The number of entries sent drifts between refreshes and differs between ranks, so
-payloads are all-gathered with their lengths (``Collective.ALL_GATHER_V``).
+selection by linear-time introselect, amortized over L steps); on the other steps it sends
+every entry whose magnitude is at least that threshold, which is one comparison and no sort.
+What is not sent stays as error feedback. The number of entries sent drifts between refreshes
+and differs between ranks, so payloads are all-gathered with their lengths
+(``Collective.ALL_GATHER_V``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from dtune.comm._base import BucketState, Collective, check_int, check_ratio, selected_count
-from dtune.comm._sparse import SparseCompressor, at_least
+from dtune.comm._sparse import SparseCompressor, as_numpy, at_least
 
 __all__ = ["Threshold"]
 
@@ -59,8 +61,13 @@ class Threshold(SparseCompressor):
         magnitude = torch.abs(tensor, out=bucket.buffer("magnitude", tensor.numel(), tensor.dtype))
         data = bucket.data
         if data["threshold"] is None or bucket.step - data["refreshed_at"] >= self.refresh_every:
-            k = selected_count(tensor.numel(), self.ratio)
-            data["threshold"] = float(magnitude.topk(k, sorted=False).values.min())
+            numel, k = tensor.numel(), selected_count(tensor.numel(), self.ratio)
+            # the k-th largest magnitude by introselect on a copy (linear; torch.topk sorts)
+            values = as_numpy(magnitude)
+            scratch = bucket.buffer("partition", numel, torch.from_numpy(values).dtype).numpy()
+            np.copyto(scratch, values)
+            scratch.partition(numel - k)
+            data["threshold"] = float(scratch[numel - k])
             data["refreshed_at"] = bucket.step
         indices = at_least(magnitude, data["threshold"], bucket.buffer("mask", tensor.numel(), torch.bool))
         data["sent"] = int(indices.numel())
