@@ -19,15 +19,23 @@ def _jitter_scale(matrix: torch.Tensor) -> float:
     return scale if scale > 0 else 1.0
 
 
-def guarded_eigh(
-    matrix: torch.Tensor, *, jitter: float, retries: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(eigenvalues clamped to >= 0, eigenvectors)`` of a symmetric factor, or None on failure."""
+def _symmetrized(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(fp32 symmetric part of matrix, identity)``, or None if the matrix is not finite."""
     work = matrix.detach().to(torch.float32)
     if not bool(torch.isfinite(work).all()):
         return None
     work = (work + work.t()) / 2
-    eye = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+    return work, torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+
+
+def guarded_eigh(
+    matrix: torch.Tensor, *, jitter: float, retries: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(eigenvalues clamped to >= 0, eigenvectors)`` of a symmetric factor, or None on failure."""
+    prepared = _symmetrized(matrix)
+    if prepared is None:
+        return None
+    work, eye = prepared
     for attempt in range(retries + 1):
         shifted = work if attempt == 0 else work + (jitter * 10 ** (attempt - 1) * _jitter_scale(work)) * eye
         try:
@@ -43,11 +51,10 @@ def guarded_inverse(
     matrix: torch.Tensor, *, damping: float, jitter: float, retries: int
 ) -> torch.Tensor | None:
     """``(matrix + damping I)^-1`` of a symmetric PSD factor via Cholesky, or None on failure."""
-    work = matrix.detach().to(torch.float32)
-    if not bool(torch.isfinite(work).all()):
+    prepared = _symmetrized(matrix)
+    if prepared is None:
         return None
-    work = (work + work.t()) / 2
-    eye = torch.eye(work.shape[0], dtype=work.dtype, device=work.device)
+    work, eye = prepared
     for attempt in range(retries + 1):
         shift = damping + (0.0 if attempt == 0 else jitter * 10 ** (attempt - 1) * _jitter_scale(work))
         try:

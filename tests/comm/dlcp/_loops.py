@@ -13,8 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dtune import comm, train
 from dtune.comm import dlcp
 from dtune.runtime import distributed
-
-IN, HIDDEN, CLASSES = 16, 64, 4
+from tests.comm._loops import CLASSES, HIDDEN, IN, batch  # the same teacher task
 
 
 def make_model(seed: int = 0) -> nn.Module:
@@ -22,14 +21,6 @@ def make_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(
         nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)
     )
-
-
-def batch(step: int, rank: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    teacher = torch.Generator().manual_seed(12345)
-    weights = torch.randn(IN, CLASSES, generator=teacher)
-    generator = torch.Generator().manual_seed(1000 * step + rank)
-    x = torch.randn(size, IN, generator=generator)
-    return x, (x @ weights).argmax(1)
 
 
 def config_of(spec: dict[str, Any]) -> dlcp.DLCP:

@@ -88,6 +88,13 @@ class Searcher:
             self.seed = seed
             self._rng = random.Random(seed)
 
+    def _initial_points(self, param_space: Mapping[str, Any]) -> list[dict[Path, Any]]:
+        """``points_to_evaluate`` as ``{path: value}`` over ``param_space``, checked against it."""
+        return [
+            point_paths(point, param_space, f"points_to_evaluate[{i}]")
+            for i, point in enumerate(self.points_to_evaluate)
+        ]
+
     def suggest(self, trial_id: str) -> dict[str, Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError
 

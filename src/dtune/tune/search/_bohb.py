@@ -35,7 +35,7 @@ from typing import Any
 import cloudpickle
 
 from dtune.tune.schedulers._common import check_mode, check_number
-from dtune.tune.search._base import Path, Points, Searcher, check_points, point_paths
+from dtune.tune.search._base import Path, Points, Searcher, check_points
 from dtune.tune.search._optuna import OptunaSpace, _value, quiet_study
 from dtune.tune.spaces import resolve
 
@@ -91,13 +91,11 @@ class BOHB(Searcher):
         super().set_search_properties(
             metric=metric, mode=mode, param_space=param_space, num_samples=num_samples, seed=seed
         )
-        if self.seed is None and seed is not None:
-            self.seed, self._rng = seed, random.Random(seed)
+        self._adopt_run_seed(seed)
         self._space = OptunaSpace(param_space)
         if self.min_points_in_model is None:
             self.min_points_in_model = max(3, len(self._space.distributions) + 2)
-        points = enumerate(self.points_to_evaluate)
-        self._points = [point_paths(p, param_space, f"points_to_evaluate[{i}]") for i, p in points]
+        self._points = self._initial_points(param_space)
         self._remaining, self._state = num_samples, None
 
     def model_budget(self) -> float | None:

@@ -7,7 +7,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from dtune.tune.search._base import Points, Searcher, check_points, point_paths
+from dtune.tune.search._base import Points, Searcher, check_points
 from dtune.tune.spaces import grid_keys, resolve
 
 __all__ = ["Grid"]
@@ -54,8 +54,7 @@ class Grid(Searcher):
         product = itertools.product(*(leaf.values for _, leaf in grids))
         points = [dict(zip((path for path, _ in grids), values, strict=True)) for values in product]
         first = []
-        for i, point in enumerate(self.points_to_evaluate):
-            fixed = point_paths(point, param_space, f"points_to_evaluate[{i}]")
+        for i, fixed in enumerate(self._initial_points(param_space)):
             missing = ["/".join(path) for path, _ in grids if path not in fixed]
             if missing:
                 raise ValueError(f"points_to_evaluate[{i}] must give every grid() key; it lacks {missing}.")

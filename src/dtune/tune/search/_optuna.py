@@ -38,7 +38,7 @@ from typing import Any
 import cloudpickle
 
 from dtune.tune.schedulers._common import check_mode, check_number
-from dtune.tune.search._base import Path, Points, Searcher, check_points, point_paths
+from dtune.tune.search._base import Path, Points, Searcher, check_points
 from dtune.tune.spaces import (
     Choice,
     Domain,
@@ -230,11 +230,9 @@ class Optuna(Searcher):
         super().set_search_properties(
             metric=metric, mode=mode, param_space=param_space, num_samples=num_samples, seed=seed
         )
-        if self.seed is None and seed is not None:
-            self.seed, self._rng = seed, random.Random(seed)
+        self._adopt_run_seed(seed)
         self._space = OptunaSpace(param_space)
-        points = enumerate(self.points_to_evaluate)
-        self._points = [point_paths(p, param_space, f"points_to_evaluate[{i}]") for i, p in points]
+        self._points = self._initial_points(param_space)
         self._remaining = num_samples
         sampler = make_sampler(self.sampler, self.seed, self.n_startup_trials)
         self.study = quiet_study(self.mode or mode, sampler)

@@ -6,7 +6,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from dtune.tune.search._base import Path, Points, Searcher, check_points, point_paths
+from dtune.tune.search._base import Path, Points, Searcher, check_points
 from dtune.tune.spaces import resolve
 
 __all__ = ["Random"]
@@ -45,8 +45,7 @@ class Random(Searcher):
         )
         self._adopt_run_seed(seed)
         self._space = param_space
-        points = enumerate(self.points_to_evaluate)
-        self._points = [point_paths(p, param_space, f"points_to_evaluate[{i}]") for i, p in points]
+        self._points = self._initial_points(param_space)
         self._remaining = num_samples
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
