@@ -36,6 +36,7 @@ def dtune_compressor(name: str, ratio: float, refresh_every: int) -> comm.Compre
         "dtune_fp16": lambda: comm.FP16(),
         "dtune_bf16": lambda: comm.BF16(),
         "dtune_topk": lambda: comm.TopK(ratio=ratio),
+        "dtune_topk2": lambda: comm.TopK(ratio=2 * ratio),
         "dtune_topk_exact": lambda: comm.TopK(ratio=ratio, selection=comm.Selection.EXACT),
         "dtune_randomk": lambda: comm.RandomK(ratio=ratio),
         "dtune_qsgd": lambda: comm.QSGD(levels=7),

@@ -67,10 +67,12 @@ CONDITIONS: dict[str, dict[str, Any]] = {
 }
 ANCHORS = ["ddp_fp32", "ddp_fp16", "ddp_powersgd1", "ddp_powersgd4"]
 DTUNE = [
-    "dtune_fp16", "dtune_bf16", "dtune_topk", "dtune_topk_exact", "dtune_randomk", "dtune_qsgd",
-    "dtune_efsign", "dtune_powersgd1", "dtune_powersgd4", "dtune_threshold",
+    "dtune_fp16", "dtune_bf16", "dtune_topk", "dtune_topk2", "dtune_topk_exact", "dtune_randomk",
+    "dtune_qsgd", "dtune_efsign", "dtune_powersgd1", "dtune_powersgd4", "dtune_threshold",
 ]  # fmt: skip
-SPARSIFIERS_CLOSE_TO_FP32 = ["dtune_topk", "dtune_threshold", "dtune_powersgd1", "dtune_powersgd4"]
+SPARSIFIERS_CLOSE_TO_FP32 = [
+    "dtune_topk", "dtune_topk2", "dtune_threshold", "dtune_powersgd1", "dtune_powersgd4",
+]  # fmt: skip
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -301,7 +303,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of step times")
     parser.add_argument("--batch", type=int, default=32, help="samples per rank per step")
     parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--ratio", type=float, default=0.01, help="top-k/random-k/threshold ratio")
+    parser.add_argument(
+        "--ratio", type=float, default=0.01, help="top-k/random-k/threshold ratio (dtune_topk2: twice it)"
+    )
     parser.add_argument("--refresh-every", type=int, default=20, help="DCT threshold refresh interval")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument(

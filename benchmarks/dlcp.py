@@ -14,11 +14,14 @@ benchmark (``benchmarks/tasks.py``), and compares
 
 under these conditions:
 
-- ``pressure``: 1% random loss at the receivers and two bounded background bulk TCP flows, and
-  an emulated priority switch at each host's egress (htb: a class for DSCP EF, one for AF41/AF31,
-  one for the rest, each with its own tail-drop buffer; the gloo traffic of the anchors is
-  marked AF41 with nftables, so the switch favours *all* gradient traffic over the bulk flows,
-  not DLCP's alone). 3 seeds, time to target accuracy.
+- ``pressure``: 1% random loss at the receivers and two bounded background bulk TCP flows
+  sharing each host's FIFO token bucket with the gradient traffic. 3 seeds, time to target
+  accuracy.
+- ``pressure_switch`` (the "+ priority" ablation): the same, behind an emulated priority switch
+  at each host's egress (htb: a class for DSCP EF/AF41, one for AF31-CS1, one for the rest, each
+  with its own tail-drop buffer; the gloo traffic of the anchors is marked AF41 with nftables,
+  so the switch favours *all* gradient traffic over the bulk flows, not DLCP's alone). Step
+  times, one seed.
 - ``loss2``: 2% random loss. ``microburst``: the link rate toggled between 100 and 10 Mbit/s
   every 250 ms by a bounded loop. Step times, one seed.
 - ``incast``: 4 workers and 1 parameter server on a bridge (5 hosts), DLCP in PS mode against
@@ -88,7 +91,7 @@ def dlcp_config(method: str, spec: dict[str, Any], world: int) -> Any:
     bound = {"dlcp0": 0.0, "dlcp1": 0.01, "dlcp10": 0.10}.get(method, 0.05)
     options: dict[str, Any] = {
         "bound": bound,
-        "packet_bytes": spec["packet_bytes"],
+        "packet_bytes": spec["comp_packet_bytes"] if method == "dlcp5_comp" else spec["packet_bytes"],
         "dscp": True,
         "seed": 0,
         "send_buffer_kb": spec["send_buffer_kb"],
@@ -639,7 +642,8 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{meta['params']:,}-parameter MLP on the teacher task, {meta['batch']} samples/rank/step, "
         f"{meta['steps']} steps (pressure, seeds {meta['seeds']}) / {meta['timing_steps']} steps "
         f"(other conditions, seed {meta['seeds'][0]}); 100 Mbit/s access links, MTU 9000; "
-        f"DLCP packets of {meta['packet_bytes']} B. Load average (1 min): "
+        f"DLCP packets of {meta['packet_bytes']} B ({meta.get('comp_packet_bytes', meta['packet_bytes'])} B "
+        "carrying the compressor's payloads). Load average (1 min): "
         f"{meta['load_min']:.2f}-{meta['load_max']:.2f} on {meta['cpus']} CPUs. "
         f"dtune's best compressor: {meta['best']} ({meta['best_why']}).",
         "",
@@ -716,6 +720,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--packet-bytes", type=int, default=8192)
+    parser.add_argument(
+        "--comp-packet-bytes",
+        type=int,
+        default=8192,
+        help="DLCP's packet payload when it carries the compressor's (much smaller) payloads",
+    )
     parser.add_argument("--send-buffer-kb", type=int, default=128, help="DLCP's socket send buffer")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--test-size", type=int, default=2048)
@@ -748,6 +758,7 @@ def main() -> None:
         "lr": args.lr,
         "widths": args.widths,
         "packet_bytes": args.packet_bytes,
+        "comp_packet_bytes": args.comp_packet_bytes,
         "send_buffer_kb": args.send_buffer_kb,
         "test_size": args.test_size,
         "best": best,
@@ -801,6 +812,7 @@ def main() -> None:
         "timing_steps": args.timing_steps,
         "seeds": args.seeds,
         "packet_bytes": args.packet_bytes,
+        "comp_packet_bytes": args.comp_packet_bytes,
         "load_min": min(loads),
         "load_max": max(loads),
         "cpus": os.cpu_count(),

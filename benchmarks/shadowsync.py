@@ -7,13 +7,16 @@ link, both directions). One-pass training of a DLRM-style model on synthetic CTR
 arm trains on the same examples (each trainer on its half) from the same initial model.
 
 Arms: no dense sync (the throughput bound), foreground MA / EASGD / BMUF every k in {1, 10, 100}
-steps, their shadow versions (delta apply; MA also with overwrite), and synchronous gradient
-all-reduce. Reported per arm (median over seeds for rates, mean for quality): examples/s per
-trainer and in total, syncs/s and the mean gap in steps between two syncs, NE and AUC of the
-trainers' replicas on held-out data (mean of the two), and the replicas' relative divergence.
+steps, their shadow versions (delta apply; MA also with overwrite; paced to duty cycles 0.25 and
+0.05; and with the shadow thread niced by +10, so that training threads go first on a busy
+host), and synchronous gradient all-reduce. Reported per arm (median over seeds for rates, mean
+for quality): examples/s per trainer and in total, syncs/s and the mean gap in steps between two
+syncs, NE and AUC of the trainers' replicas on held-out data (mean of the two), and the replicas'
+relative divergence.
 
     python benchmarks/shadowsync.py            # full matrix, ~20 minutes on 2 cores
     python benchmarks/shadowsync.py --quick    # smoke run: 1 seed, 2 links, fewer arms
+    python benchmarks/shadowsync.py --arms "S-MA" "S-MA nice 10" --seeds 0 1 --tag nice
 
 Needs root for the network namespaces; without it, every condition runs on loopback (unshaped)
 and the report says so. Results: ``benchmarks/results/shadowsync.{json,md}``.
@@ -39,6 +42,7 @@ WORLD = 4  # ranks 0, 1: trainers; rank 2: embedding server; rank 3: sync server
 SPARSE_LR = 10.0  # SGD on the embedding rows (the loss is a batch mean, so row gradients are small)
 DENSE_LR = 0.05  # Adagrad on the dense part
 PACED_DUTIES = (0.25, 0.05)  # shadow arms that leave 75% / 95% of the time (link, CPU) to training
+NICE = 10  # shadow arms whose thread yields the CPU to training threads (niceness +10)
 WARMUP = {"name": "warm-up", "kind": "fg", "alg": "none", "k": 1}
 SERVERS: dict[str, Any] = {"servers": 2, "dedicated_sync_server": True, "sparse_lr": SPARSE_LR}
 _DATA: dict[int, Any] = {}  # seed -> (task, training examples, held-out examples), per process
@@ -56,6 +60,9 @@ def arms(quick: bool) -> list[dict[str, Any]]:
         for alg in ("ma", "easgd", "bmuf"):
             name = f"S-{alg.upper()} duty {duty:g}"
             out.append({"name": name, "kind": "shadow", "alg": alg, "apply": "delta", "duty": duty})
+    for alg in ("ma", "easgd", "bmuf"):
+        name = f"S-{alg.upper()} nice {NICE}"
+        out.append({"name": name, "kind": "shadow", "alg": alg, "apply": "delta", "duty": 1.0, "nice": NICE})
     out.append({"name": "all-reduce", "kind": "fg", "alg": "allreduce", "k": 1})
     return out
 
@@ -67,7 +74,13 @@ def _strategy(arm: dict[str, Any]) -> Any:
 
     algorithm = SyncAlgorithm(arm["alg"])
     if arm["kind"] == "shadow":
-        return ShadowSync(algorithm=algorithm, apply=Apply(arm["apply"]), duty_cycle=arm["duty"], **SERVERS)
+        return ShadowSync(
+            algorithm=algorithm,
+            apply=Apply(arm["apply"]),
+            duty_cycle=arm["duty"],
+            nice=arm.get("nice", 0),
+            **SERVERS,
+        )
     return ForegroundSync(algorithm=algorithm, period=arm["k"], **SERVERS)
 
 
@@ -317,6 +330,14 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, unshaped and 100 Mbit/s")
+    parser.add_argument(
+        "--arms",
+        nargs="+",
+        default=None,
+        help="only these arms (names as in the table; 'no sync' always runs)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (--quick: 0)")
+    parser.add_argument("--tag", default="", help="results/shadowsync<-tag>.{json,md}")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--addr", help=argparse.SUPPRESS)
@@ -328,9 +349,14 @@ def main() -> None:
         worker(args)
         return
     arm_list = arms(args.quick)
+    if args.arms:
+        unknown = set(args.arms) - {a["name"] for a in arm_list}
+        if unknown:
+            parser.error(f"unknown arms {sorted(unknown)}; choose from {[a['name'] for a in arm_list]}")
+        arm_list = [a for a in arm_list if a["name"] in {"no sync", *args.arms}]
     cfg = {
         "arms": arm_list,
-        "seeds": [0] if args.quick else [0, 1, 2],
+        "seeds": args.seeds or ([0] if args.quick else [0, 1, 2]),
         "examples": 8_000 if args.quick else 60_000,  # per trainer, one pass (a few seconds per arm)
         "held_out": 20_000,
         "batch": 256,
@@ -369,8 +395,9 @@ def main() -> None:
     report["checks"] = checks(table)
     RESULTS.mkdir(exist_ok=True)
     text = markdown(report)
-    (RESULTS / "shadowsync.json").write_text(json.dumps(report, indent=1) + "\n")
-    (RESULTS / "shadowsync.md").write_text(text)
+    name = f"shadowsync-{args.tag}" if args.tag else "shadowsync"
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(text)
     print("\n" + text)
 
 

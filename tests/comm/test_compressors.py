@@ -326,15 +326,18 @@ def test_every_rank_sums_the_gathered_payloads_to_the_same_bits(name):
     assert all(torch.equal(results[0], other) for other in results[1:])
 
 
-def test_qsgd_rounding_noise_is_numpys_float32_uniforms():
-    compressor = comm.QSGD()
+def test_qsgd_rounds_with_16_bit_uniforms_bit_for_bit():
+    """Levels are floor(z + r / 2**16) with r the generator's raw 16-bit words, in float32."""
+    compressor = comm.QSGD(levels=7, chunk_size=100)
     bucket = comm.BucketState(index=0, shapes=(torch.Size([1000]),), rank=0, world_size=1, seed=3)
     compressor.init_bucket(bucket)
-    seed_state = bucket.data["rng"].bit_generator.state
-    noise = compressor._noise(bucket, 1000) * 2.0**-24
     reference = np.random.Generator(np.random.SFC64())
-    reference.bit_generator.state = seed_state
-    assert torch.equal(noise, torch.from_numpy(reference.random(1000, dtype=np.float32)))
+    reference.bit_generator.state = bucket.data["rng"].bit_generator.state
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    levels = compressor.compress(x, bucket).meta
+    noise = torch.from_numpy(reference.bit_generator.random_raw(250).view(np.uint16).astype(np.float32))
+    z = x.view(10, 100) * (7 / x.view(10, 100).norm(dim=1, keepdim=True))
+    assert torch.equal(levels, (z.reshape(-1) + noise / 2**16).floor())
 
 
 @pytest.mark.parametrize("levels", [7, 100])

@@ -139,6 +139,9 @@ def test_replicas_converge_on_a_toy_problem(shadow_cases):
             # stops, so how well it fits depends on how many syncs land after the last step
             # the agreed model fits the shared task better than either replica trained alone
             assert max(synced["global_loss"]) < min(alone["global_loss"]), (name, synced, alone)
+    main = out["ma"]["nice"]["MainThread"]
+    assert out["ma"]["nice"] == {"MainThread": main, "dtune-shadow-0": min(19, main + 5)}  # MA: nice=5
+    assert set(out["easgd"]["nice"].values()) == {main}  # the default leaves the thread alone
 
 
 # -- servers, checkpoints -------------------------------------------------------------------------
@@ -269,6 +272,10 @@ def test_clean_shutdown_when_a_trainer_is_killed(tmp_path):
         (
             lambda: ShadowSync(algorithm=SyncAlgorithm.BMUF, block_lr=0.0),
             "`block_lr` is 0.0, but must be > 0",
+        ),
+        (
+            lambda: ShadowSync(algorithm=SyncAlgorithm.MA, nice=20),
+            "`nice` is 20, but must be an integer in [0, 19]",
         ),
         (
             lambda: ShadowSync(algorithm=SyncAlgorithm.MA, sparse_lr=0.0),

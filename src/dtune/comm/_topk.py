@@ -24,7 +24,8 @@ Accuracy follows the fraction sent. Error feedback loses nothing but delays it (
 to uncompressed training that closes as the ratio grows. Neither DGC's momentum correction nor
 learning-rate-scaled residuals closed it at 1% on the benchmark's task, per-layer selection
 widened it, and a ratio warm-up helped only as much as sending the same bytes at a constant
-ratio: choose the ratio for the accuracy needed.
+ratio: choose the ratio for the accuracy needed (on the compression benchmark's 300-step task,
+1% ends 0.5 pp below uncompressed training, 2% within 0.05 pp).
 """
 
 from __future__ import annotations

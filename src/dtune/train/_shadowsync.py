@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -406,6 +407,7 @@ class ForegroundSync(_ReplicaSync):
         block_lr: float = 1.0,
         nesterov: bool = True,
         dedicated_sync_server: bool = False,
+        nice: int = 0,
     ) -> None:
         super().__init__(
             algorithm=algorithm, servers=servers, sparse_modules=sparse_modules, sparse_lr=sparse_lr,
@@ -450,6 +452,10 @@ class ShadowSync(_ReplicaSync):
     waits three times as long as each sync took, which leaves a shared link (and, on a host short
     of cores, the CPU) mostly to training, whatever the link's speed. ``dedicated_sync_server``
     keeps EASGD's centre alone on the last server (``servers >= 2``), away from the tables.
+    ``nice`` (0 to 19, added to the niceness like the ``nice`` command) lowers the shadow thread's
+    CPU priority (Linux schedules threads, so only this thread is affected): on a host with
+    fewer cores than busy threads, training goes first
+    and the sync rate takes what is left. It does not stop the thread from holding the GIL.
     :meth:`stats` reports syncs per second and the gap in steps between syncs.
 
     Example:
@@ -476,6 +482,7 @@ class ShadowSync(_ReplicaSync):
         block_lr: float = 1.0,
         nesterov: bool = True,
         dedicated_sync_server: bool = False,
+        nice: int = 0,
     ) -> None:
         super().__init__(
             algorithm=algorithm, servers=servers, sparse_modules=sparse_modules, sparse_lr=sparse_lr,
@@ -488,8 +495,11 @@ class ShadowSync(_ReplicaSync):
             raise TypeError(f"`apply` must be an Apply, got {apply!r}.")
         if not 0 < duty_cycle <= 1:
             raise ValueError(f"The value of `duty_cycle` is {duty_cycle}, but must be in (0, 1].")
+        if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+            raise ValueError(f"The value of `nice` is {nice!r}, but must be an integer in [0, 19].")
         self.apply = apply
         self.duty_cycle = duty_cycle
+        self.nice = nice
         self._cond = threading.Condition()
         self._pauses = 0
         self._in_round = False
@@ -513,6 +523,9 @@ class ShadowSync(_ReplicaSync):
 
     def _run(self) -> None:
         try:
+            if self.nice:  # this thread only: on Linux a thread id is a process id for setpriority
+                me = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + self.nice))
             while True:
                 with self._cond:
                     while self._pauses and not self._stop:
