@@ -76,7 +76,7 @@ def plan(condition: str, quick: bool) -> tuple[list[str], bool]:
         methods = ANCHORS + DLCP_MAIN + ABLATIONS
         return (["ddp_fp32", "ddp_powersgd", "dlcp0", "dlcp5", "dlcp5_spray2"] if quick else methods), True
     if condition == "pressure_switch":  # the "+ priority" ablation: the same pressure, a priority switch
-        return ["ddp_fp32", "dlcp5_bound_only", "dlcp5"], False
+        return ["ddp_fp32", "ddp_powersgd", "dtune_best", "dlcp5_bound_only", "dlcp5", "dlcp5_comp"], False
     if condition == "incast":
         return ["ddp_fp32", "ddp_powersgd", "dlcp5", "dlcp_ps0", "dlcp_ps5"], False
     return ["ddp_fp32", "ddp_powersgd", "dtune_best", "dlcp0", "dlcp5", "dlcp5_comp"], False

@@ -259,7 +259,9 @@ class Worker:
             # (waiting for a slow sender): asked after the longest deadline (all may be lost)
             due = (
                 (ended is not None and now - ended >= self.deadline.floor_s)
-                or (last is not None and now - last >= 4 * retry)  # its END was lost too
+                # its END was lost too: under a full FIFO queue the tail of a burst and its END are
+                # dropped together; quiet for twice a whole burst's usual length is loss enough
+                or (last is not None and now - last >= retry)
                 or now - job.started >= self.deadline.ceil_s
             )
             if theirs.size and due:
