@@ -407,7 +407,6 @@ class ForegroundSync(_ReplicaSync):
         block_lr: float = 1.0,
         nesterov: bool = True,
         dedicated_sync_server: bool = False,
-        nice: int = 0,
     ) -> None:
         super().__init__(
             algorithm=algorithm, servers=servers, sparse_modules=sparse_modules, sparse_lr=sparse_lr,
@@ -454,8 +453,8 @@ class ShadowSync(_ReplicaSync):
     keeps EASGD's centre alone on the last server (``servers >= 2``), away from the tables.
     ``nice`` (0 to 19, added to the niceness like the ``nice`` command) lowers the shadow thread's
     CPU priority (Linux schedules threads, so only this thread is affected): on a host with
-    fewer cores than busy threads, training goes first
-    and the sync rate takes what is left. It does not stop the thread from holding the GIL.
+    fewer cores than busy threads, training goes first and the sync rate takes what is left. It
+    does not stop the thread from holding the GIL.
     :meth:`stats` reports syncs per second and the gap in steps between syncs.
 
     Example:
