@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import enum
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -108,6 +109,16 @@ class BucketState:
             out.append(flat[offset : offset + size].view(shape))
             offset += size
         return out
+
+
+def in_float32(
+    out: torch.Tensor, bucket: BucketState, fill: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``out`` after ``fill`` wrote a float32 result: into ``out`` itself when it is float32, else
+    into the bucket's ``dense`` work buffer, then cast into ``out`` (half-precision buckets)."""
+    if out.dtype == torch.float32:
+        return fill(out)
+    return out.copy_(fill(bucket.buffer("dense")))
 
 
 class Compressor(abc.ABC):

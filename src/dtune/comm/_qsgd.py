@@ -36,7 +36,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from dtune.comm._base import BucketState, Collective, Compressor, Payload, check_int
+from dtune.comm._base import BucketState, Collective, Compressor, Payload, check_int, in_float32
 
 __all__ = ["QSGD"]
 
@@ -190,15 +190,16 @@ class QSGD(Compressor):
         return payload.tensor[: 4 * self._chunks(bucket.numel)].view(torch.float32) / self.levels
 
     def decompress(self, payload: Payload, bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
-        dense = out if out.dtype == torch.float32 else bucket.buffer("dense")
-        self._per_entry(self._levels(payload, bucket), self._step(payload, bucket), dense)
-        return dense if dense is out else out.copy_(dense)
+        levels, step = self._levels(payload, bucket), self._step(payload, bucket)
+        return in_float32(out, bucket, lambda dense: self._per_entry(levels, step, dense))
 
     def aggregate(self, payloads: list[Payload], bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
-        dense = out if out.dtype == torch.float32 else bucket.buffer("dense")
-        # in rank order, the same kernels on every rank: every rank's sum rounds alike
-        # (addcmul fuses its multiply-add, so the order of the terms matters)
-        for rank, payload in enumerate(payloads):
-            levels = payload.meta if rank == bucket.rank else self._levels(payload, bucket)
-            self._per_entry(levels, self._step(payload, bucket), dense, accumulate=rank > 0)
-        return dense if dense is out else out.copy_(dense)
+        def total(dense: torch.Tensor) -> torch.Tensor:
+            # in rank order, the same kernels on every rank: every rank's sum rounds alike
+            # (addcmul fuses its multiply-add, so the order of the terms matters)
+            for rank, payload in enumerate(payloads):
+                levels = payload.meta if rank == bucket.rank else self._levels(payload, bucket)
+                self._per_entry(levels, self._step(payload, bucket), dense, accumulate=rank > 0)
+            return dense
+
+        return in_float32(out, bucket, total)

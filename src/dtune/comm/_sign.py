@@ -24,7 +24,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from dtune.comm._base import BucketState, Collective, Compressor, Payload
+from dtune.comm._base import BucketState, Collective, Compressor, Payload, in_float32
 
 __all__ = ["EFSignSGD"]
 
@@ -73,9 +73,7 @@ class EFSignSGD(Compressor):
         return _signed(bits, scales, bucket, out)
 
     def decompress(self, payload: Payload, bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
-        if out.dtype == torch.float32:
-            return self._terms(payload, bucket, out)
-        return out.copy_(self._terms(payload, bucket, bucket.buffer("dense")))
+        return in_float32(out, bucket, lambda dense: self._terms(payload, bucket, dense))
 
     def aggregate(self, payloads: list[Payload], bucket: BucketState, out: torch.Tensor) -> torch.Tensor:
         # summed in rank order, so that every rank rounds alike; the first two terms commute
@@ -83,19 +81,21 @@ class EFSignSGD(Compressor):
         order = list(range(len(payloads)))
         if bucket.rank == 0 and len(order) > 1:
             order[:2] = [1, 0]
-        total = out if out.dtype == torch.float32 else bucket.buffer("dense")
-        for position, rank in enumerate(order):
-            if rank == bucket.rank:  # this rank's own share, already dense
-                term = payloads[rank].meta
-                if position == 0:
-                    total.copy_(term)
-            elif position == 0:
-                term = self._terms(payloads[rank], bucket, total)
+
+        def total(dense: torch.Tensor) -> torch.Tensor:
+            first, *rest = order
+            if first == bucket.rank:  # this rank's own share, already dense
+                dense.copy_(payloads[first].meta)
             else:
-                term = self._terms(payloads[rank], bucket, bucket.buffer("term"))
-            if position > 0:
-                total.add_(term)
-        return out if total is out else out.copy_(total)
+                self._terms(payloads[first], bucket, dense)
+            for rank in rest:
+                if rank == bucket.rank:
+                    dense.add_(payloads[rank].meta)
+                else:
+                    dense.add_(self._terms(payloads[rank], bucket, bucket.buffer("term")))
+            return dense
+
+        return in_float32(out, bucket, total)
 
     def residual(self, tensor: torch.Tensor, payload: Payload, bucket: BucketState) -> torch.Tensor:
         return tensor.sub_(payload.meta)  # in place: the compensated bucket belongs to the memory

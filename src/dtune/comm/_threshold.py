@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from dtune.comm._base import BucketState, Collective, check_int, check_ratio, selected_count
-from dtune.comm._sparse import SparseCompressor, as_numpy, at_least
+from dtune.comm._sparse import SparseCompressor, as_numpy, at_least, kth_largest
 
 __all__ = ["Threshold"]
 
@@ -61,13 +60,8 @@ class Threshold(SparseCompressor):
         magnitude = torch.abs(tensor, out=bucket.buffer("magnitude", tensor.numel(), tensor.dtype))
         data = bucket.data
         if data["threshold"] is None or bucket.step - data["refreshed_at"] >= self.refresh_every:
-            numel, k = tensor.numel(), selected_count(tensor.numel(), self.ratio)
-            # the k-th largest magnitude by introselect on a copy (linear; torch.topk sorts)
-            values = as_numpy(magnitude)
-            scratch = bucket.buffer("partition", numel, torch.from_numpy(values).dtype).numpy()
-            np.copyto(scratch, values)
-            scratch.partition(numel - k)
-            data["threshold"] = float(scratch[numel - k])
+            k = selected_count(tensor.numel(), self.ratio)
+            data["threshold"] = kth_largest(as_numpy(magnitude), k, bucket)
             data["refreshed_at"] = bucket.step
         indices = at_least(magnitude, data["threshold"], bucket.buffer("mask", tensor.numel(), torch.bool))
         data["sent"] = int(indices.numel())

@@ -35,11 +35,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from dtune.comm._base import BucketState, Collective, check_enum, check_ratio, selected_count
-from dtune.comm._sparse import SparseCompressor, as_numpy, at_least, largest
+from dtune.comm._sparse import SparseCompressor, as_numpy, at_least, kth_largest, largest
 
 __all__ = ["Selection", "TopK"]
 
@@ -107,7 +106,7 @@ class TopK(SparseCompressor):
         sample = as_numpy(magnitude.index_select(0, drawn))
         for factor in (self.oversample, 4 * self.oversample):
             above = min(sample_size, math.ceil(factor * k * sample_size / numel))
-            threshold = float(np.partition(sample, sample_size - above)[sample_size - above])
+            threshold = kth_largest(sample, above)
             candidates = at_least(magnitude, threshold, bucket.buffer("mask", numel, torch.bool))
             if candidates.numel() >= k:
                 return largest(magnitude, k, bucket, candidates)
