@@ -17,6 +17,7 @@ import pytest
 
 import dtune
 from dtune.cli import main as cli
+from dtune.tune.store import ExperimentStore
 from dtune.tune.trial import TrialStatus
 from tests.tune import _trainables as T
 
@@ -66,8 +67,15 @@ def test_hyperband_pauses_and_resumes_from_checkpoints(tmp_path):
     assert winner.metrics["training_iteration"] == 9
     resumed = [t for t in results if len(_starts(t)) > 1]
     assert resumed and all(s > 0 for t in resumed for s in _starts(t)[1:])  # from a checkpoint
-    for trial in results:  # paused exactly at rungs (decided in-band), resumed from there
-        assert set(_starts(trial)) <= {0, 1, 3} and _starts(trial) == sorted(set(_starts(trial)))
+    store = ExperimentStore(tmp_path / "exp", readonly=True)
+    for trial in results:  # resumed exactly where it paused: no step lost, none repeated
+        iterations = [r["training_iteration"] for r in store.results(trial.trial_id)]
+        assert iterations == list(range(1, trial.metrics["training_iteration"] + 1))
+        starts = _starts(trial)
+        assert starts == sorted(set(starts)) and set(starts[1:]) <= set(iterations)
+    # Pauses are decided in-band at rungs (checked exactly with a lagging runner in
+    # test_schedulers), except for a trial held on past its rung while the rung filled: its
+    # pause lands wherever it has got to, so where the pauses fall is not checked here.
 
 
 def test_hyperband_with_a_class_trainable(tmp_path):

@@ -21,7 +21,9 @@ Working within the runner's contract (see ``_common.SlotView``): the scheduler k
 running while others wait, so that the runner can keep asking the searcher for trials; when it
 can get none, the bracket being filled is closed with the trials it has. A paused trial that
 loses is ended where it paused (``TrialSuggestion.stop``), and every rung is decided on the
-result reported at it (see ``decision_points``). With a single slot no trial ever waits, and
+result reported at it (see ``decision_points``); only a trial held on past its rung (run on
+while the rung fills, when it is the only one running) is paused wherever it has got to once
+another trial runs, to give its slot back early. With a single slot no trial ever waits, and
 HyperBand runs trials to the end one after another.
 
 Example:
