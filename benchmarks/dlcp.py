@@ -173,6 +173,7 @@ def run_method(method: str, seed: int, spec: dict[str, Any]) -> dict[str, Any]:
         lambda s: 0.5 * (1 + math.cos(math.pi * min(s, spec["schedule_steps"]) / spec["schedule_steps"])),
     )
     times: list[float] = []
+    nacks: list[float] = []  # DLCP: NACKs rank 0 has sent so far (for its share and its results)
     curve: list[tuple[int, float, float]] = []
     losses: list[float] = []
     dist.barrier()
@@ -186,6 +187,9 @@ def run_method(method: str, seed: int, spec: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         schedule.step()
         times.append(time.perf_counter() - start)
+        if method.startswith("dlcp"):
+            sent = owner.compression.stats()
+            nacks.append(sent.get("dlcp_data_nacks_sent", 0.0) + sent.get("dlcp_agg_nacks_sent", 0.0))
         losses.append(loss.item())
         if spec["eval_every"] and ((step + 1) % spec["eval_every"] == 0 or step + 1 == steps):
             curve.append((step + 1, accuracy(train.unwrap(model), task, spec["test_size"]), sum(times)))
@@ -210,6 +214,7 @@ def run_method(method: str, seed: int, spec: dict[str, Any]) -> dict[str, Any]:
         "seed": seed,
         "steps": steps,
         "step_s": times,
+        "nacks": nacks,
         "losses": losses,
         "curve": curve,
         "wire_tx_bytes": wire,

@@ -12,6 +12,7 @@ import torch
 
 from dtune.comm import dlcp
 from dtune.comm.dlcp import HEADER_BYTES, Kind, LayerRule, Outcome, Packetizer, PriorityPolicy, Reduction
+from dtune.comm.dlcp._packet import wire_lengths
 
 
 def test_packetizer_round_trip_headers_and_partial_last_packet():
@@ -180,6 +181,26 @@ def test_transport_sprays_over_paths_and_injects_seeded_loss_deterministically()
             second.append(got.copy())
         assert len(first) == 5 and sum(len(s) for s in second) == 5  # round-robin over the 2 paths
         assert b.send(0, rows[:4], np.array([0, 1, 2, 3], np.uint8)) == 4  # DSCP marks per packet
+
+
+def test_transport_sends_rows_without_padding_and_reads_them_back_padded():
+    packer = Packetizer(packet_bytes=64)
+    full = packer.pack(torch.arange(32, dtype=torch.float32) + 1, kind=Kind.DATA)  # 16 per packet
+    short = packer.pack(torch.arange(3, dtype=torch.float16) + 1, kind=Kind.DATA)  # 6 of 64 bytes
+    end = packer.message(Kind.END, np.zeros(0, np.uint8))
+    nack = packer.message(Kind.NACK, np.array([7, 9], np.uint32))
+    rows = np.concatenate([full, short, end, nack])
+    assert wire_lengths(rows).tolist() == [112, 112, 54, 48, 56]
+    with (
+        dlcp.Transport(["127.0.0.1"], row_bytes=packer.row_bytes) as a,
+        dlcp.Transport(["127.0.0.1"], row_bytes=packer.row_bytes) as b,
+    ):
+        a.set_peer(1, b.endpoints)
+        b.recv_buffer[:] = 0xFF  # a reused buffer: what a short datagram does not cover must be zeroed
+        assert a.send(1, rows, np.zeros(len(rows), np.uint8)) == len(rows)
+        assert a.bytes_sent == 112 + 112 + 54 + 48 + 56
+        got = _recv_all(b, len(rows))
+    assert np.array_equal(got, rows) and b.malformed == 0
 
 
 def test_transport_close_releases_its_ports():

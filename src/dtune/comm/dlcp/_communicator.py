@@ -25,7 +25,7 @@ from dtune.comm._base import BucketState
 from dtune.comm._communicator import Communicator
 from dtune.comm._stats import Accounting
 from dtune.comm.dlcp._config import DLCP
-from dtune.comm.dlcp._packet import Kind, Packetizer
+from dtune.comm.dlcp._packet import Kind, Packetizer, wire_lengths
 from dtune.comm.dlcp._priority import layer_positions
 from dtune.comm.dlcp._topology import Topology
 from dtune.comm.dlcp._worker import Job, Result
@@ -127,8 +127,9 @@ class DLCPCommunicator:
         self.packer.set_field(rows, "layer", np.minimum(ids, 65535).astype(np.uint16))
         self.packer.set_field(rows, "protected", protected[owner_of].astype(np.uint32))
         job = Job(key, rows, classes, flat.dtype)
-        on_wire = int((owner_of != self.rank).sum() if self.topology.worker.local else len(rows))
-        self.accounting.add(bucket=bucket.index, sent=on_wire * self.packer.row_bytes, collectives=1)
+        remote = (owner_of != self.rank) if self.topology.worker.local else slice(None)
+        on_wire = int(wire_lengths(rows[remote]).sum())
+        self.accounting.add(bucket=bucket.index, sent=on_wire, collectives=1)
         with self._lock:
             self.pack_cpu_s += time.thread_time() - start
         self.topology.node.call(lambda: self.topology.worker.submit(job) if self.topology else None)

@@ -273,10 +273,11 @@ class Node:
                 line.popleft()
                 continue
             count = min(budget, len(rows))
+            before = self.transport.bytes_sent
             sent = self.transport.send(node, rows[:count], classes[:count])
             budget -= sent
-            if self._rate is not None:
-                self._tokens -= sent * self.packetizer.row_bytes
+            if self._rate is not None:  # the bytes that went (short packets cost less)
+                self._tokens -= self.transport.bytes_sent - before
             if sent == len(rows):
                 line.popleft()
             else:

@@ -5,8 +5,10 @@ arXiv 2008.08445; published as MLT, NSDI 2024) relies on packets that each carry
 values and say where they belong (tensor, offset), so a receiver can write them in any order:
 packets may be sprayed over several paths and dropped individually. Here every packet is one
 row of a ``uint8`` matrix: a 48-byte header (:data:`HEADER`) followed by ``packet_bytes`` of
-payload. A whole bucket is packed with a handful of numpy operations (no Python loop over
-values or packets); the transport sends rows as datagrams.
+payload; a datagram carries the header and the valid payload only (:func:`wire_lengths`), so
+a bucket's last packet and the control messages are short on the wire. A whole bucket is
+packed with a handful of numpy operations (no Python loop over values or packets); the
+transport sends rows as datagrams.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FIELDS", "HEADER", "HEADER_BYTES", "Flag", "Kind", "Packetizer", "dtype_code", "torch_dtype"]
+__all__ = [
+    "FIELDS", "HEADER", "HEADER_BYTES", "Flag", "Kind", "Packetizer", "dtype_code", "torch_dtype",
+    "wire_lengths",
+]  # fmt: skip
 
 
 class Kind(enum.IntEnum):
@@ -91,6 +96,23 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def torch_dtype(code: int) -> torch.dtype:
     return _DTYPES[code]
+
+
+_ITEMSIZE = np.array([torch.empty((), dtype=d).element_size() for d in _DTYPES], dtype=np.int64)
+
+
+def wire_lengths(rows: np.ndarray) -> np.ndarray:
+    """How many bytes of each row travel: the header and the valid payload, not the padding.
+
+    A value packet's ``length`` counts elements, a message's (NACK, END, ...) bytes; the
+    receiver zero-fills the rest of its row, so a short datagram reads as the padded row.
+    """
+    header = np.ascontiguousarray(rows[:, :HEADER_BYTES]).view(HEADER).reshape(-1)
+    length = header["length"].astype(np.int64)
+    values = (header["kind"] == Kind.DATA) | (header["kind"] == Kind.AGG)
+    size = _ITEMSIZE[np.minimum(header["dtype"], len(_DTYPES) - 1)]
+    payload = np.where(values, length * size, length)
+    return HEADER_BYTES + np.minimum(payload, rows.shape[1] - HEADER_BYTES)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dtune.comm.dlcp._packet import FIELDS, Flag, Kind
+from dtune.comm.dlcp._packet import FIELDS, HEADER_BYTES, Flag, Kind, wire_lengths
 from dtune.comm.dlcp._priority import DSCP_OF_CLASS
 
 __all__ = ["LossInjection", "Transport"]
@@ -149,29 +149,32 @@ class Transport:
         """Send ``rows`` to ``node`` until the socket would block; returns how many went.
 
         Packets are sprayed round-robin over the paths unless ``path`` pins one. One Python call
-        per packet: packets are ``row_bytes`` long, and Python has no ``sendmmsg``.
+        per packet (Python has no ``sendmmsg``); each datagram is the row without its padding.
         """
         endpoints = self.peers[node]
         paths = len(self.sockets)
-        sent = 0
+        lengths = wire_lengths(rows).tolist()
+        sent = nbytes = 0
         for i in range(len(rows)):
             p = self._next_path if path is None else path
             sock = self.sockets[p]
+            datagram = rows[i, : lengths[i]]
             try:
                 if self.dscp:
-                    sock.sendmsg([rows[i]], self._tos[int(classes[i])], 0, endpoints[p])
+                    sock.sendmsg([datagram], self._tos[int(classes[i])], 0, endpoints[p])
                 else:
-                    sock.sendto(rows[i], endpoints[p])
+                    sock.sendto(datagram, endpoints[p])
             except BlockingIOError:
                 break
             except OSError as error:  # e.g. ENOBUFS from a full qdisc: the packet is lost, as on a wire
                 if error.errno not in (errno.ENOBUFS, errno.EAGAIN):
                     raise
             sent += 1
+            nbytes += lengths[i]
             if path is None:
                 self._next_path = (p + 1) % paths
         self.packets_sent += sent
-        self.bytes_sent += sent * self.row_bytes
+        self.bytes_sent += nbytes
         return sent
 
     def receive(self, sock: socket.socket) -> tuple[np.ndarray, list[tuple[str, int]]]:
@@ -187,9 +190,11 @@ class Transport:
                 size, source = sock.recvfrom_into(views[count])
             except (BlockingIOError, InterruptedError):
                 break
-            if size != self.row_bytes:
+            if size < HEADER_BYTES:
                 self.malformed += 1
                 continue
+            if size < self.row_bytes:  # sent without its padding: read as the padded row
+                self.recv_buffer[count, size:] = 0
             sources.append(source)
             count += 1
         self.packets_received += count
