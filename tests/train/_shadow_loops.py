@@ -204,8 +204,14 @@ def converge(config: dict[str, Any]) -> Any:
         algorithm = SyncAlgorithm(name)
         if algorithm is SyncAlgorithm.NONE:
             strategy: ForegroundSync | ShadowSync = ForegroundSync(algorithm=algorithm, servers=1)
-        else:  # MA's shadow thread also runs niced, which must change nothing but its priority
-            strategy = ShadowSync(algorithm=algorithm, servers=1, nice=5 if name == "ma" else 0)
+        else:  # MA's shadow thread also runs niced and EASGD's paced to a slowdown budget, which
+            # must change nothing but the thread's priority and how long it rests
+            strategy = ShadowSync(
+                algorithm=algorithm,
+                servers=1,
+                nice=5 if name == "ma" else 0,
+                max_slowdown=0.2 if name == "easgd" else None,
+            )
         torch.manual_seed(0)
         model = nn.Linear(4, 1)  # least squares: trainer r's optimum is (1 + r) * ones
         if strategy.is_server:
@@ -216,7 +222,7 @@ def converge(config: dict[str, Any]) -> Any:
         )
         for step in range(config["train_steps"]):
             _toy_step(model, optimizer, step)
-        done = strategy.stats().syncs
+        done, duty = strategy.stats().syncs, strategy.stats().duty_cycle
         niceness = {
             t.name: os.getpriority(os.PRIO_PROCESS, t.native_id)
             for t in threading.enumerate()
@@ -231,6 +237,7 @@ def converge(config: dict[str, Any]) -> Any:
             loss = float(nn.functional.mse_loss(model(x), 1.5 * x.sum(1, keepdim=True)))
         out[name] = {
             "divergence": divergence, "global_loss": _gather(loss, trainers), "syncs": done, "nice": niceness,
+            "duty": duty,
         }  # fmt: skip
         strategy.close()
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -11,8 +12,9 @@ from torch import nn
 
 from dtune import train
 from dtune.models import DLRM
+from dtune.train._pacing import SlowdownPacer, pause_after
 from dtune.train._servers import SparseTables
-from dtune.train._shadowsync import ForegroundSync, ShadowSync, pause_after
+from dtune.train._shadowsync import ForegroundSync, ShadowSync
 from dtune.train._sync_algorithms import (
     Apply,
     DenseReplica,
@@ -142,6 +144,7 @@ def test_replicas_converge_on_a_toy_problem(shadow_cases):
     main = out["ma"]["nice"]["MainThread"]
     assert out["ma"]["nice"] == {"MainThread": main, "dtune-shadow-0": min(19, main + 5)}  # MA: nice=5
     assert set(out["easgd"]["nice"].values()) == {main}  # the default leaves the thread alone
+    assert out["ma"]["duty"] == 1.0 and 0.2 <= out["easgd"]["duty"] <= 0.9  # paced: at least the budget
 
 
 # -- servers, checkpoints -------------------------------------------------------------------------
@@ -298,6 +301,32 @@ def test_duty_cycle_rests_in_proportion_to_the_cost_of_a_sync():
     # rounds that waited for a resting peer do not stretch the rest (no feedback between peers)
     assert pause_after([0.3, 0.02, 0.25], 0.5) == pytest.approx(0.02)
     assert pause_after([], 0.25) == 0.0
+
+
+def test_slowdown_pacer_syncs_as_much_as_the_budget_allows():
+    pacer = SlowdownPacer(max_slowdown=0.05)
+    assert pacer.slowdown() is None and pacer.duty_cycle() == pytest.approx(0.15)  # warm-up: 3x the budget
+    for _ in range(200):  # a sync stalls training completely
+        pacer.record(synced_s=0.01, sync_steps=0.0, rested_s=0.19, rest_steps=19.0)
+    assert pacer.slowdown() == pytest.approx(1.0) and pacer.duty_cycle() == pytest.approx(0.05)
+    for _ in range(400):  # the link got faster: syncing costs training a fifth of its rate
+        pacer.record(synced_s=0.01, sync_steps=0.8, rested_s=0.04, rest_steps=4.0)
+    assert pacer.slowdown() == pytest.approx(0.2, abs=1e-3) and pacer.duty_cycle() == pytest.approx(
+        0.25, abs=1e-3
+    )
+    for _ in range(400):  # syncing costs nothing: nearly back to back, resting enough to keep measuring
+        pacer.record(synced_s=0.01, sync_steps=1.0, rested_s=0.01, rest_steps=1.0)
+    assert pacer.duty_cycle() == pytest.approx(0.9)
+    # a step landing in a short window counts in proportion to the window (rates, not rounding)
+    fractional = SlowdownPacer(max_slowdown=0.1, memory_s=math.inf)
+    for i in range(1000):  # 1 step per 10 ms throughout; windows of 3 ms (sync) and 7 ms (rest)
+        landed = i % 10 < 3  # the step falls in the sync window 3 times in 10
+        fractional.record(
+            synced_s=0.003, sync_steps=float(landed), rested_s=0.007, rest_steps=float(not landed)
+        )
+    assert fractional.slowdown() == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match=re.escape("`max_slowdown` is 1.0, but must be in (0, 1)")):
+        ShadowSync(algorithm=SyncAlgorithm.MA, max_slowdown=1.0)
 
 
 def test_options_are_enums():

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from dtune.runtime import distributed
+from dtune.train._pacing import SlowdownPacer, pause_after
 from dtune.train._servers import ServerLink, SparseTables, serve
 from dtune.train._sync_algorithms import (
     Apply,
@@ -74,6 +75,7 @@ class SyncStats:
     mean_gap_steps: float
     mean_sync_s: float
     mean_steps_during_sync: float
+    duty_cycle: float = 1.0  # the fraction of time the shadow thread is currently allowed to sync
 
 
 class _ReplicaSync(Strategy):
@@ -267,7 +269,11 @@ class _ReplicaSync(Strategy):
             mean_gap_steps=self._steps / syncs if syncs else math.inf,
             mean_sync_s=self._sync_s / syncs if syncs else 0.0,
             mean_steps_during_sync=self._steps_during / syncs if syncs else 0.0,
+            duty_cycle=self._current_duty(),
         )
+
+    def _current_duty(self) -> float:
+        return 1.0
 
     def replica_divergence(self) -> float:
         """RMS distance of the trainers' dense replicas to their mean, relative to its norm.
@@ -428,16 +434,6 @@ class ForegroundSync(_ReplicaSync):
         self._record_sync(time.perf_counter() - start, 0)
 
 
-def pause_after(recent_sync_s: Sequence[float], duty_cycle: float) -> float:
-    """How long the shadow thread rests after a sync to stay busy ``duty_cycle`` of the time.
-
-    The cost of a sync is the fastest of the recent ones: a paired round (MA, BMUF) also lasts
-    while it waits for the slower peer, and that peer may be resting. Pacing on the raw duration
-    would feed each trainer's rest into the other's next round, and the rate would collapse.
-    """
-    return min(recent_sync_s) * (1.0 / duty_cycle - 1.0) if recent_sync_s else 0.0
-
-
 class ShadowSync(_ReplicaSync):
     """Sync dense replicas from a background thread, as often as the link allows.
 
@@ -449,7 +445,11 @@ class ShadowSync(_ReplicaSync):
     0.9/m, ``block_momentum`` to 1 - 1/m for m trainers. ``duty_cycle`` is the fraction of wall
     time the thread may spend syncing: 1 (default, the paper's setting) syncs back to back; 0.25
     waits three times as long as each sync took, which leaves a shared link (and, on a host short
-    of cores, the CPU) mostly to training, whatever the link's speed. ``dedicated_sync_server``
+    of cores, the CPU) mostly to training, whatever the link's speed. ``max_slowdown`` (e.g.
+    0.05) adapts the duty cycle instead (at most ``duty_cycle``): the thread measures how fast
+    training steps while it syncs and while it rests, and syncs as much as keeps training within
+    that fraction of its undisturbed rate (:class:`~dtune.train._pacing.SlowdownPacer`); the
+    duty cycle in use is in :meth:`stats`. ``dedicated_sync_server``
     keeps EASGD's centre alone on the last server (``servers >= 2``), away from the tables.
     ``nice`` (0 to 19, added to the niceness like the ``nice`` command) lowers the shadow thread's
     CPU priority (Linux schedules threads, so only this thread is affected): on a host with
@@ -482,6 +482,7 @@ class ShadowSync(_ReplicaSync):
         nesterov: bool = True,
         dedicated_sync_server: bool = False,
         nice: int = 0,
+        max_slowdown: float | None = None,
     ) -> None:
         super().__init__(
             algorithm=algorithm, servers=servers, sparse_modules=sparse_modules, sparse_lr=sparse_lr,
@@ -496,9 +497,13 @@ class ShadowSync(_ReplicaSync):
             raise ValueError(f"The value of `duty_cycle` is {duty_cycle}, but must be in (0, 1].")
         if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
             raise ValueError(f"The value of `nice` is {nice!r}, but must be an integer in [0, 19].")
+        if max_slowdown is not None and not 0 < max_slowdown < 1:
+            raise ValueError(f"The value of `max_slowdown` is {max_slowdown}, but must be in (0, 1).")
         self.apply = apply
         self.duty_cycle = duty_cycle
         self.nice = nice
+        self.max_slowdown = max_slowdown
+        self._pacer = None if max_slowdown is None else SlowdownPacer(max_slowdown)
         self._cond = threading.Condition()
         self._pauses = 0
         self._in_round = False
@@ -530,7 +535,7 @@ class ShadowSync(_ReplicaSync):
                     while self._pauses and not self._stop:
                         self._cond.wait()
                     stop, self._in_round = self._stop, True
-                start = time.perf_counter()
+                start, steps = time.perf_counter(), self._steps
                 try:
                     leaving = self._round(stop)
                 finally:
@@ -539,13 +544,26 @@ class ShadowSync(_ReplicaSync):
                         self._cond.notify_all()
                 if leaving:
                     return
-                self._recent.append(time.perf_counter() - start)
-                pause = pause_after(self._recent, self.duty_cycle)
+                rest_start, rest_steps = time.perf_counter(), self._steps
+                self._recent.append(rest_start - start)
+                pause = pause_after(self._recent, self._current_duty())
                 if pause > 0:
                     with self._cond:
                         self._cond.wait_for(lambda: self._stop, timeout=pause)
+                if self._pacer is not None:
+                    self._pacer.record(
+                        synced_s=rest_start - start,
+                        sync_steps=rest_steps - steps,
+                        rested_s=time.perf_counter() - rest_start,
+                        rest_steps=self._steps - rest_steps,
+                    )
         except BaseException as exc:  # raised in the training thread at its next step
             self._error = exc
+
+    def _current_duty(self) -> float:
+        if self._pacer is None:
+            return self.duty_cycle
+        return min(self.duty_cycle, self._pacer.duty_cycle())
 
     def _round(self, stop: bool) -> bool:
         assert self._rule is not None and self._dense is not None  # the thread starts after wrap
