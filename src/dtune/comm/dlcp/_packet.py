@@ -112,7 +112,8 @@ def wire_lengths(rows: np.ndarray) -> np.ndarray:
     values = (header["kind"] == Kind.DATA) | (header["kind"] == Kind.AGG)
     size = _ITEMSIZE[np.minimum(header["dtype"], len(_DTYPES) - 1)]
     payload = np.where(values, length * size, length)
-    return HEADER_BYTES + np.minimum(payload, rows.shape[1] - HEADER_BYTES)
+    out: np.ndarray = HEADER_BYTES + np.minimum(payload, rows.shape[1] - HEADER_BYTES)
+    return out
 
 
 @dataclass(frozen=True, slots=True)

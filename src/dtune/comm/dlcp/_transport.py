@@ -158,7 +158,7 @@ class Transport:
         for i in range(len(rows)):
             p = self._next_path if path is None else path
             sock = self.sockets[p]
-            datagram = rows[i, : lengths[i]]
+            datagram = rows[i][: lengths[i]]
             try:
                 if self.dscp:
                     sock.sendmsg([datagram], self._tos[int(classes[i])], 0, endpoints[p])
