@@ -32,6 +32,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -339,6 +340,10 @@ def markdown(report: dict[str, Any]) -> str:
     )
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # so `with netem.Network` tears down on SIGTERM too
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 seed, unshaped and 100 Mbit/s")
@@ -360,6 +365,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    signal.signal(signal.SIGTERM, _interrupt)
     arm_list = arms(args.quick)
     if args.arms:
         unknown = set(args.arms) - {a["name"] for a in arm_list}

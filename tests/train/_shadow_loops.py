@@ -240,6 +240,7 @@ def converge(config: dict[str, Any]) -> Any:
             "duty": duty,
         }  # fmt: skip
         strategy.close()
+        out[name]["os_threads_after_close"] = len(os.listdir("/proc/self/task"))  # gloo's included
     return out
 
 

@@ -144,6 +144,9 @@ def test_replicas_converge_on_a_toy_problem(shadow_cases):
     main = out["ma"]["nice"]["MainThread"]
     assert out["ma"]["nice"] == {"MainThread": main, "dtune-shadow-0": min(19, main + 5)}  # MA: nice=5
     assert set(out["easgd"]["nice"].values()) == {main}  # the default leaves the thread alone
+    # closing a strategy ends the threads of its process groups: none pile up strategy after strategy
+    threads = [out[name]["os_threads_after_close"] for name in ("none", "ma", "bmuf", "easgd")]
+    assert threads == [threads[0]] * 4, threads
     assert out["ma"]["duty"] == 1.0 and 0.2 <= out["easgd"]["duty"] <= 0.9  # paced: at least the budget
 
 

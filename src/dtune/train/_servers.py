@@ -63,12 +63,18 @@ class ServerLink:
     """One trainer thread's line to the servers (one private group per thread)."""
 
     def __init__(self, group: Any, tables_on: list[int], centre_on: int) -> None:
-        self.group = group
+        self._group = group
         self.tables_on = tables_on
         self.centre_on = centre_on
         self.servers = sorted({*tables_on, centre_on})
         self._pending: list[tuple[Any, list[torch.Tensor]]] = []  # isends and what they send
         self._closed = False
+
+    @property
+    def group(self) -> Any:
+        if self._closed:
+            raise RuntimeError("This line to the servers is closed (the strategy was closed).")
+        return self._group
 
     def _send(self, dst: int, op: _Op, index: int = 0, *payload: torch.Tensor) -> None:
         count = payload[0].shape[0] if payload else 0
@@ -148,9 +154,12 @@ class ServerLink:
         if self._closed:
             return
         self._closed = True
-        self._drain()
-        for server in self.servers:
-            distributed.send(_header(_Op.BYE), server, group=self.group)
+        try:
+            self._drain()
+            for server in self.servers:
+                distributed.send(_header(_Op.BYE), server, group=self._group)
+        finally:
+            self._group = None  # destroyed next: its threads end with the last reference
 
 
 class SparseTables:

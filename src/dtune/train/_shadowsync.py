@@ -353,9 +353,11 @@ class _ReplicaSync(Strategy):
                 self._sparse.remove()
             for link in self._links:
                 link.close()
+            if self._rule is not None:
+                self._rule.release()
             for group in self._groups:
                 distributed.destroy_subgroup(group)
-            self._groups = []
+            self._groups = []  # no reference left: gloo's threads of these groups end now
 
     # -- server side ------------------------------------------------------------------------
     def serve(self, model: nn.Module) -> dict[str, int]:

@@ -148,13 +148,22 @@ class Rule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def release(self) -> None:
+        """Let go of the process group (destroyed on close): its threads end with the last reference."""
+
 
 class _Average(Rule):
     def __init__(self, group: Any, trainers: int) -> None:
         self.group = group
         self.trainers = trainers
+        self.released = False
+
+    def release(self) -> None:
+        self.group, self.released = None, True
 
     def _mean(self, x: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
+        if self.released:
+            raise RuntimeError("This sync rule's process group is closed (the strategy was closed).")
         buffer = torch.cat([x, x.new_tensor([1.0 if stop else 0.0])])
         distributed.all_reduce_sum_bucketed([buffer], group=self.group)
         return buffer[:-1] / self.trainers, bool(buffer[-1] > 0)
