@@ -66,7 +66,7 @@ BULK_PORTS = "{ 5201, 5202, 5203, 5204 }"  # netem's background flows: left unma
 PS_PORT = 7700
 ANCHORS = ["ddp_fp32", "ddp_powersgd", "dtune_best"]
 DLCP_MAIN = ["dlcp0", "dlcp1", "dlcp5", "dlcp10", "dlcp5_comp"]
-ABLATIONS = ["dlcp5_bound_only", "dlcp5_spray2", "dlcp5_back_first"]
+ABLATIONS = ["dlcp5_bound_only", "dlcp5_spray2", "dlcp5_back_first", "dlcp5_comp_1copy"]
 CONDITIONS = ["pressure", "pressure_switch", "loss2", "microburst", "incast"]
 
 
@@ -91,13 +91,15 @@ def dlcp_config(method: str, spec: dict[str, Any], world: int) -> Any:
     bound = {"dlcp0": 0.0, "dlcp1": 0.01, "dlcp10": 0.10}.get(method, 0.05)
     options: dict[str, Any] = {
         "bound": bound,
-        "packet_bytes": spec["comp_packet_bytes"] if method == "dlcp5_comp" else spec["packet_bytes"],
+        "packet_bytes": spec["packet_bytes"],
         "dscp": True,
         "seed": 0,
         "send_buffer_kb": spec["send_buffer_kb"],
     }
-    if method == "dlcp5_comp":
+    if method.startswith("dlcp5_comp"):
         options["compressor"] = best_compressor_object(spec["best"])
+        options["packet_bytes"] = spec["comp_packet_bytes"]
+        options["copies"] = 1 if method == "dlcp5_comp_1copy" else spec["comp_copies"]
     if method == "dlcp5_bound_only":
         options.update(priority=dlcp.PriorityPolicy(classes=2, protected=0.0), dscp=False)
     if method == "dlcp5_back_first":
@@ -731,6 +733,12 @@ def main() -> None:
         default=8192,
         help="DLCP's packet payload when it carries the compressor's (much smaller) payloads",
     )
+    parser.add_argument(
+        "--comp-copies",
+        type=int,
+        default=2,
+        help="DLCP's copies of each packet when it carries the compressor's payloads",
+    )
     parser.add_argument("--send-buffer-kb", type=int, default=128, help="DLCP's socket send buffer")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--test-size", type=int, default=2048)
@@ -764,6 +772,7 @@ def main() -> None:
         "widths": args.widths,
         "packet_bytes": args.packet_bytes,
         "comp_packet_bytes": args.comp_packet_bytes,
+        "comp_copies": args.comp_copies,
         "send_buffer_kb": args.send_buffer_kb,
         "test_size": args.test_size,
         "best": best,
@@ -818,6 +827,7 @@ def main() -> None:
         "seeds": args.seeds,
         "packet_bytes": args.packet_bytes,
         "comp_packet_bytes": args.comp_packet_bytes,
+        "comp_copies": args.comp_copies,
         "load_min": min(loads),
         "load_max": max(loads),
         "cpus": os.cpu_count(),

@@ -103,6 +103,7 @@ def lossy_runs():
         "ps0": {**common, "bound": 0.0, "mode": "ps"},
         "below": {**common, "bound": 0.1, "loss": below},
         "above": {**common, "bound": 0.05, "loss": above},
+        "copies": {**common, "bound": 0.0, "copies": 2, "loss": {"rate": 0.2, "seed": 5}},
         "ps_below": {**common, "bound": 0.1, "mode": "ps", "loss": below},
         "ps_above": {**common, "bound": 0.05, "mode": "ps", "loss": above},
         "ps_external": {
@@ -143,6 +144,18 @@ def test_loss_below_the_bound_completes_without_requests_and_averages_what_arriv
     _check_average_of_what_arrived(out, name)
     if mode == "ps_external":
         assert shard_stats["dlcp_bounded"] == 3 and shard_stats.get("dlcp_data_nacks_sent", 0) == 0
+
+
+def test_copies_deliver_what_one_copy_lost_without_asking_again(lossy_runs):
+    out, _ = lossy_runs
+    stats = out["copies/stats"]
+    sent = 2 * 3 * NUMEL // (PACKET // 4) // 2  # rank 0's data rows: 2 copies of half the packets
+    assert stats["dlcp_injected_drops"] > 0.1 * sent  # a fifth of every copy dropped...
+    # ...but a packet is missing only when both of its copies were: few are asked for again
+    assert stats.get("dlcp_retransmitted", 0) < 0.25 * stats["dlcp_injected_drops"]
+    for _, mask in out["copies"]:  # bound 0: everything arrived, the exact average
+        assert (mask == 0b11).all()
+    _check_average_of_what_arrived(out, "copies")
 
 
 @pytest.mark.parametrize("mode", ["", "ps_"])

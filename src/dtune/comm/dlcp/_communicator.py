@@ -128,7 +128,7 @@ class DLCPCommunicator:
         self.packer.set_field(rows, "protected", protected[owner_of].astype(np.uint32))
         job = Job(key, rows, classes, flat.dtype)
         remote = (owner_of != self.rank) if self.topology.worker.local else slice(None)
-        on_wire = int(wire_lengths(rows[remote]).sum())
+        on_wire = int(wire_lengths(rows[remote]).sum()) * self.config.copies
         self.accounting.add(bucket=bucket.index, sent=on_wire, collectives=1)
         with self._lock:
             self.pack_cpu_s += time.thread_time() - start

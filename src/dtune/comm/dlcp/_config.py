@@ -67,6 +67,10 @@ class DLCP:
       rendezvous); ``dscp`` marks each packet's class for an emulated switch; ``rate_mbit``
       paces each node's sending; ``send_buffer_kb`` is each socket's send buffer (small, so a
       full queue at a shaped local link blocks the sender instead of dropping its datagrams).
+    - ``copies``: every packet (and END, NACK) goes this many times, the copies after the
+      originals. Redundancy for small, latency-bound payloads (a compressor's): a lost packet
+      then costs nothing, where it costs a request and a resend (two more trips through the
+      queues) with one copy; it multiplies the bytes, so leave it at 1 for large payloads.
     - ``error_feedback``: what was dropped is added to the next step's contribution, and a
       packet dropped again is promoted one class per drop, so no coordinate starves.
     - ``compressor``: a ``dtune.comm`` compressor whose all-reduce payloads travel as DLCP
@@ -94,6 +98,7 @@ class DLCP:
     dscp: bool = False
     rate_mbit: float | None = None
     send_buffer_kb: int = 128
+    copies: int = 1
     error_feedback: bool = True
     compressor: Compressor | None = None
     deadline_factor: float = 2.0
@@ -130,6 +135,7 @@ class DLCP:
         if self.addresses is not None and any(len(a) != self.paths for a in self.addresses):
             raise ValueError(f"Each entry of `addresses` needs one address per path ({self.paths}).")
         _integer("send_buffer_kb", self.send_buffer_kb, 4)
+        _integer("copies", self.copies, 1)
         if self.rate_mbit is not None:
             _number("rate_mbit", self.rate_mbit, 1e-3, 1e6)
         if not isinstance(self.error_feedback, bool) or not isinstance(self.dscp, bool):

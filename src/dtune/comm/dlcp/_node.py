@@ -72,6 +72,7 @@ class Node:
         *,
         session: int,
         rate_bytes_s: float | None = None,
+        copies: int = 1,
         name: str = "dtune-dlcp",
     ) -> None:
         self.node_id = node_id
@@ -89,6 +90,7 @@ class Node:
         self._selector = selectors.DefaultSelector()
         self._blocked = False
         self._rate = rate_bytes_s
+        self.copies = copies
         self._tokens = float(packetizer.row_bytes * 16)
         self._last_refill = time.monotonic()
         self._stop = threading.Event()
@@ -134,7 +136,13 @@ class Node:
     # -- used by roles, on the loop thread ----------------------------------------------------
 
     def send(self, node: int, rows: np.ndarray, classes: np.ndarray, *, urgent: bool = False) -> None:
-        """Queue ``rows`` for ``node`` (after loss injection); urgent ones go before all others."""
+        """Queue ``rows`` for ``node`` (after loss injection); urgent ones go before all others.
+
+        With ``copies`` > 1 the rows go that many times, the copies after all the originals: a
+        receiver keeps the first of each, so a packet is lost only if every copy is.
+        """
+        if self.copies > 1:
+            rows, classes = np.concatenate([rows] * self.copies), np.concatenate([classes] * self.copies)
         keep = self.transport.keep(rows)
         if not keep.all():
             rows, classes = rows[keep], classes[keep]

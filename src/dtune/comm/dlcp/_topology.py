@@ -56,7 +56,7 @@ def make_node(
         send_buffer_bytes=config.send_buffer_kb << 10,
     )
     rate = None if config.rate_mbit is None else config.rate_mbit * 1e6 / 8
-    return Node(node_id, transport, packer, session=session, rate_bytes_s=rate)
+    return Node(node_id, transport, packer, session=session, rate_bytes_s=rate, copies=config.copies)
 
 
 @dataclass
