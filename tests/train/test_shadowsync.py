@@ -147,7 +147,7 @@ def test_replicas_converge_on_a_toy_problem(shadow_cases):
     # closing a strategy ends the threads of its process groups: none pile up strategy after strategy
     threads = [out[name]["os_threads_after_close"] for name in ("none", "ma", "bmuf", "easgd")]
     assert threads == [threads[0]] * 4, threads
-    assert out["ma"]["duty"] == 1.0 and 0.2 <= out["easgd"]["duty"] <= 0.9  # paced: at least the budget
+    assert out["ma"]["duty"] == 1.0 and 1e-3 <= out["easgd"]["duty"] <= 0.9  # paced: within its limits
 
 
 # -- servers, checkpoints -------------------------------------------------------------------------
@@ -306,20 +306,37 @@ def test_duty_cycle_rests_in_proportion_to_the_cost_of_a_sync():
     assert pause_after([], 0.25) == 0.0
 
 
-def test_slowdown_pacer_syncs_as_much_as_the_budget_allows():
+def _paced(pacer: SlowdownPacer, sync_s: list[float], rate_during_sync: float, rounds: int) -> float:
+    """Pace ``rounds`` syncs (durations cycling through ``sync_s``) against a training loop stepping
+    100/s at rest; returns the fraction of steps lost over the last half."""
+    recent: list[float] = []
+    lost = total = 0.0
+    for i in range(rounds):
+        synced = sync_s[i % len(sync_s)]
+        recent = [*recent, synced][-16:]
+        rest = pause_after(recent, pacer.duty_cycle())
+        pacer.record(
+            synced_s=synced, sync_steps=rate_during_sync * synced, rested_s=rest, rest_steps=100 * rest
+        )
+        if i >= rounds // 2:
+            lost += (100 - rate_during_sync) * synced
+            total += 100 * (synced + rest)
+    return lost / total
+
+
+def test_slowdown_pacer_keeps_training_within_its_budget():
     pacer = SlowdownPacer(max_slowdown=0.05)
-    assert pacer.slowdown() is None and pacer.duty_cycle() == pytest.approx(0.15)  # warm-up: 3x the budget
-    for _ in range(200):  # a sync stalls training completely
-        pacer.record(synced_s=0.01, sync_steps=0.0, rested_s=0.19, rest_steps=19.0)
-    assert pacer.slowdown() == pytest.approx(1.0) and pacer.duty_cycle() == pytest.approx(0.05)
-    for _ in range(400):  # the link got faster: syncing costs training a fifth of its rate
-        pacer.record(synced_s=0.01, sync_steps=0.8, rested_s=0.04, rest_steps=4.0)
-    assert pacer.slowdown() == pytest.approx(0.2, abs=1e-3) and pacer.duty_cycle() == pytest.approx(
-        0.25, abs=1e-3
-    )
-    for _ in range(400):  # syncing costs nothing: nearly back to back, resting enough to keep measuring
-        pacer.record(synced_s=0.01, sync_steps=1.0, rested_s=0.01, rest_steps=1.0)
-    assert pacer.duty_cycle() == pytest.approx(0.9)
+    assert pacer.loss() is None and pacer.duty_cycle() == pytest.approx(0.15)  # starts at 3x the budget
+    assert _paced(pacer, [0.01], 0.0, 2000) == pytest.approx(0.05, rel=0.05)  # a sync stalls training
+    assert pacer.duty_cycle() == pytest.approx(0.05, rel=0.05)
+    # syncs that last longer than the shortest recent one (pause_after's measure of their cost):
+    # the busy fraction exceeds the nominal duty cycle, and the measured loss corrects for it
+    pacer = SlowdownPacer(max_slowdown=0.05)
+    assert _paced(pacer, [0.01, 0.03], 50.0, 4000) == pytest.approx(0.05, rel=0.1)
+    assert pacer.duty_cycle() < 0.09
+    free = SlowdownPacer(max_slowdown=0.05)  # syncing costs nothing: nearly back to back
+    _paced(free, [0.01], 100.0, 500)
+    assert free.duty_cycle() == pytest.approx(0.9)
     # a step landing in a short window counts in proportion to the window (rates, not rounding)
     fractional = SlowdownPacer(max_slowdown=0.1, memory_s=math.inf)
     for i in range(1000):  # 1 step per 10 ms throughout; windows of 3 ms (sync) and 7 ms (rest)
@@ -328,6 +345,7 @@ def test_slowdown_pacer_syncs_as_much_as_the_budget_allows():
             synced_s=0.003, sync_steps=float(landed), rested_s=0.007, rest_steps=float(not landed)
         )
     assert fractional.slowdown() == pytest.approx(0.0, abs=1e-9)
+    assert fractional.loss() == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match=re.escape("`max_slowdown` is 1.0, but must be in (0, 1)")):
         ShadowSync(algorithm=SyncAlgorithm.MA, max_slowdown=1.0)
 

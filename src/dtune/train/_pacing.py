@@ -32,59 +32,67 @@ def pause_after(recent_sync_s: Sequence[float], duty_cycle: float) -> float:
 
 
 class SlowdownPacer:
-    """The duty cycle that keeps training's step rate within ``max_slowdown`` of its rate at rest.
+    """Steers the duty cycle so that training loses at most ``max_slowdown`` of its steps.
 
-    Training runs at rate ``r_rest`` while the thread rests and ``r_sync`` while a sync is in
-    flight; busy a fraction ``d`` of the time, it keeps ``1 - d * s`` of its rate, where
-    ``s = 1 - r_sync / r_rest``. So ``d = max_slowdown / s``, at most ``ceiling``. The rates are
-    step counts over time in both states, discounted by their age (time constant ``memory_s``),
-    so a step landing in a short window counts in proportion to the window's length: no bias
-    from rounding to whole steps. For the first ``warmup_s`` of observations the thread syncs at
-    ``warmup_factor * max_slowdown``, which measures both rates quickly and costs at most that
-    much, even if a sync stalls training. ``ceiling`` stays below 1 so that the thread keeps
-    resting a little and the rate at rest stays measured.
+    Training steps at rate ``r_rest`` while the thread rests and ``r_sync`` while a sync is in
+    flight. Over recent time (step counts and durations of both states, discounted with time
+    constant ``memory_s``) the steps lost are ``sync_s * r_rest - sync_steps`` out of
+    ``(sync_s + rest_s) * r_rest``: the measured loss, whatever makes a sync costly (CPU, link)
+    and however long the syncs really took. The duty cycle handed to :func:`pause_after` is
+    scaled by ``(max_slowdown / loss) ** (elapsed / memory_s)`` after every sync and rest, so it
+    settles where the measured loss meets the budget; a step landing in a short window counts in
+    proportion to the window's length, so rounding to whole steps biases nothing. It starts at
+    ``warmup_factor * max_slowdown``, stays within ``[floor, ceiling]``, and ``ceiling`` < 1
+    keeps the thread resting a little so the rate at rest stays measured.
 
     Example:
         >>> pacer = SlowdownPacer(max_slowdown=0.05)
-        >>> round(pacer.duty_cycle(), 3)  # nothing measured yet: the warm-up rate
+        >>> round(pacer.duty_cycle(), 3)  # the starting point
         0.15
-        >>> for _ in range(50):  # training steps at half speed while a sync is in flight
-        ...     pacer.record(synced_s=0.01, sync_steps=0.5, rested_s=0.19, rest_steps=19.0)
-        >>> round(pacer.duty_cycle(), 3)
-        0.1
+        >>> for _ in range(300):  # training runs at half speed while a 10 ms sync is in flight
+        ...     rest = pause_after([0.01], pacer.duty_cycle())
+        ...     pacer.record(synced_s=0.01, sync_steps=0.5, rested_s=rest, rest_steps=100 * rest)
+        >>> round(pacer.loss(), 3), round(pacer.duty_cycle(), 2)  # busy 10% of the time, losing 5%
+        (0.05, 0.1)
     """
 
     __slots__ = (
-        "ceiling", "max_slowdown", "memory_s", "observed_s", "rest_s", "rest_steps", "sync_s",
-        "sync_steps", "warmup_factor", "warmup_s",
+        "ceiling", "duty", "floor", "max_slowdown", "memory_s", "rest_s", "rest_steps", "sync_s",
+        "sync_steps",
     )  # fmt: skip
 
     def __init__(
         self,
         max_slowdown: float,
         *,
-        memory_s: float = 3.0,
-        warmup_s: float = 1.0,
+        memory_s: float = 2.0,
         warmup_factor: float = 3.0,
+        floor: float = 1e-3,
         ceiling: float = 0.9,
     ) -> None:
         if not 0 < max_slowdown < 1:
             raise ValueError(f"The value of `max_slowdown` is {max_slowdown}, but must be in (0, 1).")
         self.max_slowdown = max_slowdown
         self.memory_s = memory_s
-        self.warmup_s = warmup_s
-        self.warmup_factor = warmup_factor
+        self.floor = floor
         self.ceiling = ceiling
-        self.sync_s = self.sync_steps = self.rest_s = self.rest_steps = self.observed_s = 0.0
+        self.duty = min(ceiling, warmup_factor * max_slowdown)
+        self.sync_s = self.sync_steps = self.rest_s = self.rest_steps = 0.0
 
     def record(self, *, synced_s: float, sync_steps: float, rested_s: float, rest_steps: float) -> None:
         """One sync and the rest after it: how long each took and how many steps training made."""
-        keep = math.exp(-(synced_s + rested_s) / self.memory_s) if math.isfinite(self.memory_s) else 1.0
+        elapsed = synced_s + rested_s
+        keep = math.exp(-elapsed / self.memory_s) if math.isfinite(self.memory_s) else 1.0
         self.sync_s = keep * self.sync_s + synced_s
         self.sync_steps = keep * self.sync_steps + sync_steps
         self.rest_s = keep * self.rest_s + rested_s
         self.rest_steps = keep * self.rest_steps + rest_steps
-        self.observed_s += synced_s + rested_s
+        loss = self.loss()
+        if loss is None or not math.isfinite(self.memory_s):
+            return
+        ratio = min(2.0, max(0.5, self.max_slowdown / max(loss, 1e-3)))
+        step = ratio ** min(1.0, elapsed / self.memory_s)
+        self.duty = min(self.ceiling, max(self.floor, self.duty * step))
 
     def slowdown(self) -> float | None:
         """The fraction of its rate training loses while a sync is in flight (None: unknown yet)."""
@@ -93,8 +101,14 @@ class SlowdownPacer:
         rest_rate = self.rest_steps / self.rest_s
         return min(1.0, max(0.0, 1.0 - (self.sync_steps / self.sync_s) / rest_rate))
 
+    def loss(self) -> float | None:
+        """The fraction of its steps training lost to syncing, recently (None: unknown yet)."""
+        if self.sync_s <= 0 or self.rest_s <= 0 or self.rest_steps <= 0:
+            return None
+        rest_rate = self.rest_steps / self.rest_s
+        lost = self.sync_s * rest_rate - self.sync_steps
+        return min(1.0, max(0.0, lost / ((self.sync_s + self.rest_s) * rest_rate)))
+
     def duty_cycle(self) -> float:
-        s = self.slowdown()
-        if s is None or self.observed_s < self.warmup_s:
-            return min(self.ceiling, self.warmup_factor * self.max_slowdown)
-        return self.ceiling if s <= self.max_slowdown / self.ceiling else self.max_slowdown / s
+        """The duty cycle to pace the next rest with (see :func:`pause_after`)."""
+        return self.duty
