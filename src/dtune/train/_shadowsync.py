@@ -450,8 +450,10 @@ class ShadowSync(_ReplicaSync):
     of cores, the CPU) mostly to training, whatever the link's speed. ``max_slowdown`` (e.g.
     0.05) adapts the duty cycle instead (at most ``duty_cycle``): the thread measures how fast
     training steps while it syncs and while it rests, and syncs as much as keeps training within
-    that fraction of its undisturbed rate (:class:`~dtune.train._pacing.SlowdownPacer`); the
-    duty cycle in use is in :meth:`stats`. ``dedicated_sync_server``
+    that fraction of its rate at rest (:class:`~dtune.train._pacing.SlowdownPacer`); the duty
+    cycle in use is in :meth:`stats`. The rate at rest is this trainer's own: where other
+    processes' syncs slow it too (cores shared by every trainer and server), training loses
+    more than the budget against a run without syncs. ``dedicated_sync_server``
     keeps EASGD's centre alone on the last server (``servers >= 2``), away from the tables.
     ``nice`` (0 to 19, added to the niceness like the ``nice`` command) lowers the shadow thread's
     CPU priority (Linux schedules threads, so only this thread is affected): on a host with
