@@ -146,7 +146,7 @@ def test_replicas_converge_on_a_toy_problem(shadow_cases):
     assert set(out["easgd"]["nice"].values()) == {main}  # the default leaves the thread alone
     # closing a strategy ends the threads of its process groups: none pile up strategy after strategy
     threads = [out[name]["os_threads_after_close"] for name in ("none", "ma", "bmuf", "easgd")]
-    assert threads == [threads[0]] * 4, threads
+    assert max(threads) - threads[0] <= 2, threads  # a leak was 4-8 threads per strategy
     assert out["ma"]["duty"] == 1.0 and 1e-3 <= out["easgd"]["duty"] <= 0.9  # paced: within its limits
 
 
