@@ -8,7 +8,8 @@ benchmark (``benchmarks/tasks.py``), and compares
 
 - anchors: DDP fp32 all-reduce, DDP with PyTorch's PowerSGD hook, dtune's best compressor
   (read from ``results/comm.json`` when the compression benchmark has run, else PowerSGD r4);
-- DLCP at bounds 0, 1%, 5%, 10% (collective mode), and DLCP 5% carrying that compressor;
+- DLCP at bounds 0, 1%, 5%, 10% (collective mode), and DLCP 5% carrying that compressor (each
+  packet sent twice, ``--comp-copies``; once as an ablation);
 - ablations at 5%: bound only (no classes, no DSCP), + priority (classes, DSCP, the switch:
   the default), + spraying over 2 paths; and the layer rule reversed (back layers first);
 
@@ -650,7 +651,8 @@ def markdown(table: dict[str, Any], meta: dict[str, Any]) -> str:
         f"{meta['steps']} steps (pressure, seeds {meta['seeds']}) / {meta['timing_steps']} steps "
         f"(other conditions, seed {meta['seeds'][0]}); 100 Mbit/s access links, MTU 9000; "
         f"DLCP packets of {meta['packet_bytes']} B ({meta.get('comp_packet_bytes', meta['packet_bytes'])} B "
-        "carrying the compressor's payloads). Load average (1 min): "
+        f"carrying the compressor's payloads, sent {meta.get('comp_copies', 1)} times). "
+        "Load average (1 min): "
         f"{meta['load_min']:.2f}-{meta['load_max']:.2f} on {meta['cpus']} CPUs. "
         f"dtune's best compressor: {meta['best']} ({meta['best_why']}).",
         "",
