@@ -82,30 +82,36 @@ class SlowdownPacer:
     def record(self, *, synced_s: float, sync_steps: float, rested_s: float, rest_steps: float) -> None:
         """One sync and the rest after it: how long each took and how many steps training made."""
         elapsed = synced_s + rested_s
-        keep = math.exp(-elapsed / self.memory_s) if math.isfinite(self.memory_s) else 1.0
+        keep = math.exp(-elapsed / self.memory_s)  # 1 with an infinite memory
         self.sync_s = keep * self.sync_s + synced_s
         self.sync_steps = keep * self.sync_steps + sync_steps
         self.rest_s = keep * self.rest_s + rested_s
         self.rest_steps = keep * self.rest_steps + rest_steps
         loss = self.loss()
-        if loss is None or not math.isfinite(self.memory_s):
+        if loss is None:
             return
         ratio = min(2.0, max(0.5, self.max_slowdown / max(loss, 1e-3)))
-        step = ratio ** min(1.0, elapsed / self.memory_s)
+        step = ratio ** min(1.0, elapsed / self.memory_s)  # 1 (no change) with an infinite memory
         self.duty = min(self.ceiling, max(self.floor, self.duty * step))
+
+    def _rest_rate(self) -> float | None:
+        """Steps per second while the thread rests (None until both states were seen)."""
+        if self.sync_s <= 0 or self.rest_s <= 0 or self.rest_steps <= 0:
+            return None
+        return self.rest_steps / self.rest_s
 
     def slowdown(self) -> float | None:
         """The fraction of its rate training loses while a sync is in flight (None: unknown yet)."""
-        if self.sync_s <= 0 or self.rest_s <= 0 or self.rest_steps <= 0:
+        rest_rate = self._rest_rate()
+        if rest_rate is None:
             return None
-        rest_rate = self.rest_steps / self.rest_s
         return min(1.0, max(0.0, 1.0 - (self.sync_steps / self.sync_s) / rest_rate))
 
     def loss(self) -> float | None:
         """The fraction of its steps training lost to syncing, recently (None: unknown yet)."""
-        if self.sync_s <= 0 or self.rest_s <= 0 or self.rest_steps <= 0:
+        rest_rate = self._rest_rate()
+        if rest_rate is None:
             return None
-        rest_rate = self.rest_steps / self.rest_s
         lost = self.sync_s * rest_rate - self.sync_steps
         return min(1.0, max(0.0, lost / ((self.sync_s + self.rest_s) * rest_rate)))
 

@@ -501,8 +501,6 @@ class ShadowSync(_ReplicaSync):
             raise ValueError(f"The value of `duty_cycle` is {duty_cycle}, but must be in (0, 1].")
         if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
             raise ValueError(f"The value of `nice` is {nice!r}, but must be an integer in [0, 19].")
-        if max_slowdown is not None and not 0 < max_slowdown < 1:
-            raise ValueError(f"The value of `max_slowdown` is {max_slowdown}, but must be in (0, 1).")
         self.apply = apply
         self.duty_cycle = duty_cycle
         self.nice = nice

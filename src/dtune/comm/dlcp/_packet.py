@@ -107,7 +107,7 @@ def wire_lengths(rows: np.ndarray) -> np.ndarray:
     A value packet's ``length`` counts elements, a message's (NACK, END, ...) bytes; the
     receiver zero-fills the rest of its row, so a short datagram reads as the padded row.
     """
-    header = np.ascontiguousarray(rows[:, :HEADER_BYTES]).view(HEADER).reshape(-1)
+    header = Packetizer.headers(rows)
     length = header["length"].astype(np.int64)
     values = (header["kind"] == Kind.DATA) | (header["kind"] == Kind.AGG)
     size = _ITEMSIZE[np.minimum(header["dtype"], len(_DTYPES) - 1)]
