@@ -9,7 +9,9 @@ benchmark (``benchmarks/tasks.py``), and compares
 - anchors: DDP fp32 all-reduce, DDP with PyTorch's PowerSGD hook, dtune's best compressor
   (read from ``results/comm.json`` when the compression benchmark has run, else PowerSGD r4);
 - DLCP at bounds 0, 1%, 5%, 10% (collective mode), and DLCP 5% carrying that compressor (each
-  packet sent twice, ``--comp-copies``; once as an ablation);
+  packet sent twice, ``--comp-copies``; once as an ablation); and DLCP's direct exchange
+  carrying it (``Mode.DIRECT``, reliable: each rank sends its packets to every other and sums
+  them all itself, one trip per reduction instead of a reduce-scatter and an all-gather);
 - ablations at 5%: bound only (no classes, no DSCP), + priority (classes, DSCP, the switch:
   the default), + spraying over 2 paths; and the layer rule reversed (back layers first);
 
@@ -66,7 +68,7 @@ sys.path.insert(0, str(HERE))
 BULK_PORTS = "{ 5201, 5202, 5203, 5204 }"  # netem's background flows: left unmarked (best effort)
 PS_PORT = 7700
 ANCHORS = ["ddp_fp32", "ddp_powersgd", "dtune_best"]
-DLCP_MAIN = ["dlcp0", "dlcp1", "dlcp5", "dlcp10", "dlcp5_comp"]
+DLCP_MAIN = ["dlcp0", "dlcp1", "dlcp5", "dlcp10", "dlcp5_comp", "dlcp_direct_comp"]
 ABLATIONS = ["dlcp5_bound_only", "dlcp5_spray2", "dlcp5_back_first", "dlcp5_comp_1copy"]
 CONDITIONS = ["pressure", "pressure_switch", "loss2", "microburst", "incast"]
 
@@ -77,10 +79,19 @@ def plan(condition: str, quick: bool) -> tuple[list[str], bool]:
         methods = ANCHORS + DLCP_MAIN + ABLATIONS
         return (["ddp_fp32", "ddp_powersgd", "dlcp0", "dlcp5", "dlcp5_spray2"] if quick else methods), True
     if condition == "pressure_switch":  # the "+ priority" ablation: the same pressure, a priority switch
-        return ["ddp_fp32", "ddp_powersgd", "dtune_best", "dlcp5_bound_only", "dlcp5", "dlcp5_comp"], False
+        methods = ["ddp_fp32", "ddp_powersgd", "dtune_best", "dlcp5_bound_only", "dlcp5", "dlcp5_comp"]
+        return [*methods, "dlcp_direct_comp"], False
     if condition == "incast":
         return ["ddp_fp32", "ddp_powersgd", "dlcp5", "dlcp_ps0", "dlcp_ps5"], False
-    return ["ddp_fp32", "ddp_powersgd", "dtune_best", "dlcp0", "dlcp5", "dlcp5_comp"], False
+    return [
+        "ddp_fp32",
+        "ddp_powersgd",
+        "dtune_best",
+        "dlcp0",
+        "dlcp5",
+        "dlcp5_comp",
+        "dlcp_direct_comp",
+    ], False
 
 
 # -- the worker side (runs inside a namespace) ------------------------------------------------
@@ -97,10 +108,12 @@ def dlcp_config(method: str, spec: dict[str, Any], world: int) -> Any:
         "seed": 0,
         "send_buffer_kb": spec["send_buffer_kb"],
     }
-    if method.startswith("dlcp5_comp"):
+    if "_comp" in method:
         options["compressor"] = best_compressor_object(spec["best"])
         options["packet_bytes"] = spec["comp_packet_bytes"]
         options["copies"] = 1 if method == "dlcp5_comp_1copy" else spec["comp_copies"]
+    if method == "dlcp_direct_comp":  # one trip per reduction: every rank sums all packets itself
+        options.update(mode=dlcp.Mode.DIRECT, bound=0.0)
     if method == "dlcp5_bound_only":
         options.update(priority=dlcp.PriorityPolicy(classes=2, protected=0.0), dscp=False)
     if method == "dlcp5_back_first":
@@ -591,7 +604,7 @@ def checks(table: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
     rows = table.get("pressure", {}).get("methods", {})
     anchors = {m: rows[m] for m in ANCHORS if m in rows}
-    dlcps = {m: rows[m] for m in ("dlcp1", "dlcp5", "dlcp10", "dlcp5_comp") if m in rows}
+    dlcps = {m: rows[m] for m in ("dlcp1", "dlcp5", "dlcp10", "dlcp5_comp", "dlcp_direct_comp") if m in rows}
     if not anchors or not dlcps:
         return out
     best_anchor = min(anchors, key=lambda m: anchors[m]["p99_ms"])

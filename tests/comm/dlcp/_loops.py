@@ -113,6 +113,19 @@ def lossy(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def everyones_results(config: dict[str, Any]) -> dict[str, Any]:
+    """Reductions of known tensors over DLCP; every rank's outputs, gathered (for > 2 ranks)."""
+    state, _ = config_of(config["spec"]).ddp_hook()
+    with state:
+        outputs = []
+        for step in range(config["steps"]):
+            tensor = rank_input(distributed.rank(), step, config["numel"])
+            state.all_reduce([tensor])
+            outputs.append(tensor)
+        stats = state.stats()
+    return {"outputs": distributed.all_gather_object(outputs), "stats": stats}
+
+
 def starvation(config: dict[str, Any]) -> dict[str, Any]:
     """Constant inputs, the lowest class always dropped: what each coordinate received over time."""
     spec, steps, numel = config["spec"], config["steps"], config["numel"]

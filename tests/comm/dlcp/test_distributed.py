@@ -29,15 +29,19 @@ def test_bound_zero_equals_plain_allreduce_in_both_modes_and_with_compressors():
         "two_paths_dscp": {"bound": 0.0, "packet_bytes": PACKET, "paths": 2, "dscp": True},
         "fp16": {"bound": 0.0, "packet_bytes": PACKET, "compressor": "fp16"},
         "powersgd": {"bound": 0.0, "packet_bytes": PACKET, "compressor": "powersgd"},
+        "direct": {"bound": 0.0, "packet_bytes": PACKET, "mode": "direct"},
+        "direct_powersgd": {"bound": 0.0, "packet_bytes": PACKET, "mode": "direct", "compressor": "powersgd"},
     }
     out = train.launch(L.parity, workers=2, config={"steps": 3, "specs": specs, "reference": True}).value
-    for name in ("collective", "ps", "two_paths_dscp"):
+    for name in ("collective", "ps", "two_paths_dscp", "direct"):
         _assert_grads_equal(out[name], out["plain"])  # bit for bit
         stats = out[name + "/stats"]
         assert stats["comm_steps"] == 3 and stats["dlcp_loss"] == 0.0
         assert stats.get("dlcp_bounded", 0) == 0 and stats["dlcp_full"] > 0
     _assert_grads_equal(out["fp16"], out["fp16/reference"])
     _assert_grads_equal(out["powersgd"], out["powersgd/reference"], atol=1e-6)
+    _assert_grads_equal(out["direct_powersgd"], out["powersgd/reference"], atol=1e-6)
+    assert out["direct/stats"].get("dlcp_agg_nacks_sent", 0) == 0  # no aggregated packets at all
     assert out["threads"] == ["MainThread", "dtune-channel"]  # every DLCP thread stopped
 
 
@@ -104,6 +108,7 @@ def lossy_runs():
         "below": {**common, "bound": 0.1, "loss": below},
         "above": {**common, "bound": 0.05, "loss": above},
         "copies": {**common, "bound": 0.0, "copies": 2, "loss": {"rate": 0.2, "seed": 5}},
+        "direct_above": {**common, "bound": 0.0, "mode": "direct", "loss": above},
         "ps_below": {**common, "bound": 0.1, "mode": "ps", "loss": below},
         "ps_above": {**common, "bound": 0.05, "mode": "ps", "loss": above},
         "ps_external": {
@@ -169,6 +174,41 @@ def test_loss_above_the_bound_requests_the_missing_packets_again(lossy_runs, mod
         assert entry["lost"] <= 2 * 0.05 + 1e-9
     assert stats["dlcp_loss"] <= 0.05
     _check_average_of_what_arrived(out, mode + "above")
+
+
+def test_direct_exchange_asks_again_for_what_was_lost_and_sums_everything(lossy_runs):
+    out, _ = lossy_runs
+    stats = out["direct_above/stats"]
+    assert stats["dlcp_injected_drops"] > 0.1 * 3 * NUMEL / (PACKET // 4)
+    assert stats["dlcp_data_nacks_sent"] > 0 and stats["dlcp_retransmitted"] > 0
+    assert stats["dlcp_loss"] == 0.0
+    for step, (got, mask) in enumerate(out["direct_above"]):
+        assert (mask == 0b11).all()
+        inputs = [L.rank_input(rank, step, NUMEL) for rank in range(2)]
+        assert torch.equal(got, inputs[0] / 2 + inputs[1] / 2)
+
+
+def test_direct_exchange_gives_every_rank_the_same_bits_in_rank_order():
+    # three ranks: float sums depend on their order, and packets arrive in any order
+    # (retransmissions come late); every rank must still sum rank 0's share first, then 1's, 2's
+    spec = {
+        "bound": 0.0,
+        "mode": "direct",
+        "packet_bytes": PACKET,
+        "min_deadline_s": 0.05,
+        "loss": {"rate": 0.3, "first_only": True, "seed": 6},
+    }
+    steps, numel = 3, 5_000
+    out = train.launch(
+        L.everyones_results, workers=3, config={"spec": spec, "steps": steps, "numel": numel}
+    ).value
+    assert out["stats"]["dlcp_retransmitted"] > 0
+    for step in range(steps):
+        shares = [L.rank_input(rank, step, numel) / 3 for rank in range(3)]
+        ordered = torch.zeros(numel) + shares[0] + shares[1] + shares[2]
+        assert not torch.equal(ordered, torch.zeros(numel) + shares[1] + shares[2] + shares[0])
+        for rank in range(3):
+            assert torch.equal(out["outputs"][rank][step], ordered), (step, rank)
 
 
 def test_parameter_server_and_collective_modes_agree(lossy_runs):

@@ -48,6 +48,8 @@ def test_packetizer_packs_tens_of_thousands_of_packets_with_exact_offsets():
         ({"packet_bytes": 12}, "The value of `packet_bytes` is 12, but must be a multiple of 8"),
         ({"bound": 0.1, "pull_bound": 0.2, "mode": dlcp.Mode.PS}, "The value of `pull_bound` is 0.2"),
         ({"servers": 0}, "The value of `servers` is 0, but must be >= 1."),
+        ({"bound": 0.05, "mode": dlcp.Mode.DIRECT}, "Mode.DIRECT is reliable"),
+        ({"bound": 0.1, "pull_bound": 0.05}, "`pull_bound` applies to Mode.PS only"),
         ({"paths": 2, "addresses": (("127.0.0.1",),)}, "one address per path"),
     ],
 )
@@ -124,6 +126,24 @@ def test_reduction_below_bound_nacks_and_zero_fills_packets_nobody_sent():
     # duplicates (a retransmission crossing its original) count once
     _add(red, 0, [6, 6], [1, 1], protected=0)
     assert red.got[0] == 4
+
+
+def test_ordered_reduction_sums_in_sender_order_whatever_the_arrival_order():
+    # 1 + 1e8 - 1e8 is 0 in float32 when summed left to right, 1 in another order
+    shares = {0: 1.0, 1: 1e8, 2: -1e8}
+    arrivals = [(0, 1, 2), (2, 1, 0), (1, 2, 0)]
+    sums = {}
+    for arrival in arrivals:
+        for ordered in (True, False):
+            red = Reduction(
+                total=1, per=1, owned=np.arange(1), senders=[0, 1, 2], bound=0.0, now=0.0, ordered=ordered
+            )
+            for sender in arrival:
+                value = torch.tensor([[shares[sender]]])
+                red.add(sender, np.array([0]), value, np.zeros(1, np.uint8), 0, now=0.0)
+            sums[arrival, ordered] = red.result(torch.float32)[0].item()
+    assert {sums[a, True] for a in arrivals} == {0.0}  # (1 + 1e8) - 1e8, always
+    assert sums[(2, 1, 0), False] == 1.0  # arrival order: (-1e8 + 1e8) + 1
 
 
 def test_adaptive_deadline_follows_recent_completions():

@@ -17,6 +17,7 @@ exchange, replica checks)::
 
     strategy = train.AllReduce(compression=DLCP(bound=0.05))                 # collective mode
     strategy = train.AllReduce(compression=DLCP(bound=0.05, mode=Mode.PS))   # shard on rank 0
+    small = DLCP(bound=0.0, mode=Mode.DIRECT, copies=2, compressor=comm.PowerSGD(rank=4))  # one trip
     ddp.register_comm_hook(*DLCP(bound=0.01, compressor=comm.FP16()).ddp_hook())
 """
 

@@ -67,7 +67,10 @@ def send_nacks(node: Node, target: int, key: Key, indices: np.ndarray, *, of: Ki
 class Aggregator:
     """Reduces the share ``position`` of ``owners`` of every reduction, for ``workers`` senders.
 
-    ``local`` (collective mode) receives this node's own result without the network.
+    ``local`` (collective and direct modes) receives this node's own result without the
+    network. ``direct``: this node reduces every packet for itself alone (direct exchange): it
+    sums in sender order (:class:`Reduction`'s ``ordered``) so every rank's sum is the same bits,
+    and sends its result to nobody.
     """
 
     kinds: tuple[Kind, ...] = (Kind.DATA, Kind.NACK, Kind.END)
@@ -84,8 +87,10 @@ class Aggregator:
         timeout_s: float,
         history: int = 8,
         local: Callable[[Key, np.ndarray, torch.Tensor, np.ndarray, np.ndarray], None] | None = None,
+        direct: bool = False,
     ) -> None:
         self.node = node
+        self.direct = direct
         self.position = position
         self.owners = owners
         self.workers = workers
@@ -116,7 +121,13 @@ class Aggregator:
         per = self.node.packetizer.per_packet(dtype)
         owned = np.arange(self.position, total, self.owners, dtype=np.int64)
         made = Reduction(
-            total=total, per=per, owned=owned, senders=list(range(self.workers)), bound=self.bound, now=now
+            total=total,
+            per=per,
+            owned=owned,
+            senders=list(range(self.workers)),
+            bound=self.bound,
+            now=now,
+            ordered=self.direct,
         )
         self.reductions[key] = made
         self.dtypes[key] = dtype
@@ -249,10 +260,26 @@ class Aggregator:
         dtype = self.dtypes[key]
         self._forget(key)
         values, mask = red.result(dtype)
+        owned_classes = np.where(red.classes == 255, 1, red.classes).astype(np.uint8)
+        # kept a while: to answer requests, and so that late duplicates start nothing new
+        self.results[key] = (
+            self._share(key, red, values, mask, owned_classes)
+            if not self.direct
+            else np.zeros((0, self.node.packetizer.row_bytes), np.uint8),
+            time.monotonic(),
+        )
+        while self.results and next(iter(self.results))[0] + self.history < self.newest_step:
+            self.results.popitem(last=False)
+        if self.local is not None:
+            self.local(key, red.owned, values, mask, owned_classes)
+
+    def _share(
+        self, key: Key, red: Reduction, values: torch.Tensor, mask: np.ndarray, owned_classes: np.ndarray
+    ) -> np.ndarray:
+        """Send the aggregated packets to every other worker; returns them, to answer requests."""
         packer: Packetizer = self.node.packetizer
         fields = {"step": key[0], "bucket": key[1], "round": key[2], "session": self.node.session}
         rows = packer.pack(values.reshape(-1), kind=Kind.AGG, sender=self.node.node_id, **fields)
-        owned_classes = np.where(red.classes == 255, 1, red.classes).astype(np.uint8)
         packer.set_field(rows, "index", red.owned.astype(np.uint32))
         packer.set_field(rows, "offset", (red.owned * red.per).astype(np.uint32))
         packer.set_field(rows, "total", np.full(len(rows), red.total, dtype=np.uint32))
@@ -262,9 +289,6 @@ class Aggregator:
         # aggregated packets carry every sender's values: more important than any one push
         # (DLCP's tighter pull bound), so a switch never ranks them below class 1
         rows, classes = rows[order], np.minimum(owned_classes[order], 1)
-        self.results[key] = (rows, time.monotonic())
-        while self.results and next(iter(self.results))[0] + self.history < self.newest_step:
-            self.results.popitem(last=False)
         for worker in range(self.workers):
             if worker == self.node.node_id and self.local is not None:
                 continue
@@ -272,8 +296,7 @@ class Aggregator:
             self.node.end(
                 worker, key, Kind.AGG, red.total, int(rows[0, FIELDS["dtype"][1]]), int(classes[-1])
             )
-        if self.local is not None:
-            self.local(key, red.owned, values, mask, owned_classes)
+        return rows
 
     def on_timer(self, now: float) -> float:
         for key in list(self.reductions):
@@ -291,7 +314,7 @@ class Aggregator:
         if found is None:
             return
         rows, sent_at = found
-        if time.monotonic() - sent_at < self.deadline.floor_s:
+        if not len(rows) or time.monotonic() - sent_at < self.deadline.floor_s:
             return  # just sent: the request crossed the packets on their way
         wanted = np.isin(self.node.packetizer.headers(rows)["index"], indices)
         self.stats["agg_resent"] += int(wanted.sum())

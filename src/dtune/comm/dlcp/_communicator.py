@@ -127,8 +127,13 @@ class DLCPCommunicator:
         self.packer.set_field(rows, "layer", np.minimum(ids, 65535).astype(np.uint16))
         self.packer.set_field(rows, "protected", protected[owner_of].astype(np.uint32))
         job = Job(key, rows, classes, flat.dtype)
-        remote = (owner_of != self.rank) if self.topology.worker.local else slice(None)
-        on_wire = int(wire_lengths(rows[remote]).sum()) * self.config.copies
+        worker = self.topology.worker
+        if worker.peers:  # direct exchange: every row to every other rank
+            on_wire = int(wire_lengths(rows).sum()) * len(worker.peers)
+        else:  # to each owner its share; the local share stays here
+            remote = (owner_of != self.rank) if worker.local else slice(None)
+            on_wire = int(wire_lengths(rows[remote]).sum())
+        on_wire *= self.config.copies
         self.accounting.add(bucket=bucket.index, sent=on_wire, collectives=1)
         with self._lock:
             self.pack_cpu_s += time.thread_time() - start

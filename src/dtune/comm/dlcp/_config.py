@@ -33,6 +33,13 @@ class Mode(enum.Enum):
     """Reduce-scatter with bounded loss among the ranks, then a reliable all-gather."""
     PS = "ps"
     """Push to parameter-server shards (bounded loss), pull the aggregate (reliable, or ``pull_bound``)."""
+    DIRECT = "direct"
+    """Every rank sends its packets to every other rank and sums all of them itself, in rank order.
+
+    One trip through the network per reduction where the collective mode takes two (a
+    reduce-scatter, then an all-gather), for ``world - 1`` times the bytes: for small,
+    latency-bound payloads (a compressor's). Reliable only (``bound=0``): ranks missing
+    different packets would hold different sums, and nothing would bring them back together."""
 
 
 def _number(name: str, value: Any, low: float, high: float, *, open_high: bool = False) -> None:
@@ -57,7 +64,8 @@ class DLCP:
     - ``bound``: the fraction of (sender, packet) pairs a reduction may complete without, once
       its adaptive deadline (``deadline_factor`` x the median recent completion time, within
       ``[min_deadline_s, max_deadline_s]``) has passed; 0 is reliable.
-    - ``mode``: :class:`Mode`. In PS mode ``servers`` shards run on ranks 0..S-1, or on the
+    - ``mode``: :class:`Mode`. In DIRECT mode each rank reduces everything itself (one trip,
+      reliable, for small payloads). In PS mode ``servers`` shards run on ranks 0..S-1, or on the
       processes at ``server_addresses`` (one ``((host, port), ...)`` per shard, a pair per path,
       started with :func:`~dtune.comm.dlcp.serve`); ``pull_bound`` (at most ``bound``) lets the
       pull complete without some aggregated packets (replicas may then differ).
@@ -116,8 +124,14 @@ class DLCP:
             raise TypeError(f"`mode` must be a Mode, got {self.mode!r}.")
         _integer("servers", self.servers, 1)
         _number("pull_bound", self.pull_bound, 0.0, self.bound)
-        if self.mode is Mode.COLLECTIVE and self.pull_bound:
-            raise ValueError("`pull_bound` applies to Mode.PS only: the collective all-gather is reliable.")
+        if self.mode is not Mode.PS and self.pull_bound:
+            raise ValueError("`pull_bound` applies to Mode.PS only: the other modes deliver every result.")
+        if self.mode is Mode.DIRECT and self.bound:
+            raise ValueError(
+                f"Mode.DIRECT is reliable: every rank sums what it received itself, so with `bound` "
+                f"{self.bound!r} two ranks missing different packets would drift apart. Use bound=0, "
+                "or Mode.COLLECTIVE for bounded loss."
+            )
         _integer("packet_bytes", self.packet_bytes, 8)
         if self.packet_bytes % 8 or self.packet_bytes > 65_000:
             raise ValueError(

@@ -12,8 +12,11 @@ every sender and keeps a bitmap of who contributed to each packet (one bit per s
 
 otherwise the missing packets are requested again (:meth:`Reduction.missing`). Missing values
 are zero-filled and each packet is averaged over the senders that contributed to it (sum times
-``senders / count``). An :class:`Assembly` is a worker's view of the result: the aggregated
-packets of every owner, complete when all arrived (reliable) or, for a parameter server's pull
+``senders / count``). Summed in arrival order by default; ``ordered`` keeps each sender's
+values apart and sums them in sender order, so that ranks reducing the same packets
+themselves (direct exchange) hold bit-identical sums whatever order the packets came in
+(float addition is not associative). An :class:`Assembly` is a worker's view of the result:
+the aggregated packets of every owner, complete when all arrived (reliable) or, for a parameter server's pull
 with ``pull_bound > 0``, when enough did.
 """
 
@@ -41,7 +44,9 @@ class Reduction:
     """One owner's share of one reduction: sums, contributor bitmap, protected counts.
 
     ``owned`` are the global packet indices this owner aggregates (``i % owners == position``);
-    ``senders`` the node ids whose contributions are expected. Values are summed in float32.
+    ``senders`` the node ids whose contributions are expected. Values are summed in float32, in
+    arrival order, or in sender order with ``ordered`` (each sender's values kept apart until
+    :meth:`result`).
     """
 
     __slots__ = (
@@ -55,6 +60,7 @@ class Reduction:
         "last_arrival",
         "mask",
         "owned",
+        "parts",
         "per",
         "protected_expected",
         "protected_got",
@@ -66,7 +72,15 @@ class Reduction:
     )
 
     def __init__(
-        self, *, total: int, per: int, owned: np.ndarray, senders: list[int], bound: float, now: float
+        self,
+        *,
+        total: int,
+        per: int,
+        owned: np.ndarray,
+        senders: list[int],
+        bound: float,
+        now: float,
+        ordered: bool = False,
     ) -> None:
         self.total = total
         self.per = per
@@ -74,6 +88,9 @@ class Reduction:
         self.senders = senders
         self.bound = bound
         self.sums = torch.zeros(len(owned), per, dtype=torch.float32)
+        self.parts = (
+            {s: torch.zeros(len(owned), per, dtype=torch.float32) for s in senders} if ordered else None
+        )
         self.mask = np.zeros(len(owned), dtype=np.uint64)
         self.classes = np.full(len(owned), 255, dtype=np.uint8)  # most important class seen per packet
         self._local = np.full(total, -1, dtype=np.int64)
@@ -121,7 +138,11 @@ class Reduction:
             return 0
         rows = np.flatnonzero(fresh)
         slots = torch.from_numpy(local[rows])
-        self.sums.index_add_(0, slots, values[torch.from_numpy(rows)].float())
+        fresh_values = values[torch.from_numpy(rows)].float()
+        if self.parts is None:
+            self.sums.index_add_(0, slots, fresh_values)
+        else:
+            self.parts[sender].index_copy_(0, slots, fresh_values)
         self.mask[local[rows]] |= bit
         self.classes[local[rows]] = np.minimum(self.classes[local[rows]], classes[rows])
         self.got[sender] += len(rows)
@@ -195,6 +216,10 @@ class Reduction:
         """(averaged values (n owned, per) in ``dtype``, contributor bitmap per owned packet)."""
         count = np.bitwise_count(self.mask).astype(np.int64)
         senders = len(self.senders)
+        if self.parts is not None:
+            for sender in sorted(self.parts):
+                self.sums += self.parts[sender]
+            self.parts = None
         values = self.sums
         partial = np.flatnonzero(count < senders)
         if partial.size:  # average over who contributed; untouched where everyone did (exact)

@@ -4,7 +4,8 @@ DLCP (Wang et al., "Domain-specific Communication Optimization for Distributed D
 works with collective routines and with a parameter server. torch.distributed stays the
 control plane: the ranks exchange their data-plane endpoints with one ``all_gather_object``
 and agree on a random session number. In collective mode each rank's node is a worker and
-an aggregator of its share; in PS mode a rank's node is a worker, and the shards run either on
+an aggregator of its share; in direct mode a worker and the aggregator of everything, for
+itself; in PS mode a rank's node is a worker, and the shards run either on
 ranks 0..S-1 (nodes of their own) or in separate processes (:func:`~dtune.comm.dlcp.serve`),
 which learn the workers' addresses from a HELLO handshake.
 """
@@ -82,23 +83,26 @@ class Topology:
         node = make_node(config, packer, rank, addresses, session)
         made: list[Node] = [node]
         try:
-            if config.mode is Mode.COLLECTIVE:
+            if config.mode is not Mode.PS:
+                direct = config.mode is Mode.DIRECT  # every rank owns everything, for itself
                 local = Aggregator(
                     node,
-                    position=rank,
-                    owners=world,
+                    position=0 if direct else rank,
+                    owners=1 if direct else world,
                     workers=world,
                     bound=config.bound,
                     deadline=deadline,
                     timeout_s=config.timeout_s,
+                    direct=direct,
                 )
                 worker = Worker(
                     node,
-                    owners=list(range(world)),
+                    owners=[rank] if direct else list(range(world)),
                     local=local,
                     pull_bound=0.0,
                     deadline=deadline,
                     timeout_s=config.timeout_s,
+                    peers=[r for r in range(world) if r != rank] if direct else None,
                 )
                 local.local = worker.on_local
                 node.add_role(local)

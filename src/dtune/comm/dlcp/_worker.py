@@ -60,9 +60,12 @@ class Job:
 class Worker:
     """Sends ``Job`` rows to ``owners`` (node ids, by position) and assembles the results.
 
-    ``local`` is this node's own aggregator in collective mode (its share is added locally and
-    its result comes back without the network); ``pull_bound`` lets a parameter-server pull
-    complete with that fraction of aggregated packets missing.
+    ``local`` is this node's own aggregator in collective and direct modes (its share is added
+    locally and its result comes back without the network); ``peers`` (direct mode) are the
+    nodes that reduce every packet themselves: each gets all of this worker's packets, kept for
+    ``history`` steps after the result is in, since a peer may still ask for some of them;
+    ``pull_bound`` lets a parameter-server pull complete with that fraction of aggregated
+    packets missing.
     """
 
     kinds: tuple[Kind, ...] = (Kind.AGG, Kind.NACK, Kind.HELLO_ACK, Kind.END, Kind.BYE)
@@ -76,9 +79,14 @@ class Worker:
         pull_bound: float,
         deadline: DeadlineConfig,
         timeout_s: float,
+        peers: list[int] | None = None,
+        history: int = 8,
     ) -> None:
         self.node = node
         self.owners = owners
+        self.peers = list(peers or [])
+        self.history = history
+        self.sent: collections.OrderedDict[Key, Job] = collections.OrderedDict()
         self.local = local
         self.pull_bound = pull_bound
         self.deadline = deadline
@@ -102,8 +110,9 @@ class Worker:
         self.jobs[job.key] = job
         values = packer.values(job.rows, job.dtype)
         count = len(self.owners)
-        for position, owner in enumerate(self.owners):
-            index = np.arange(position, total, count, dtype=np.int64)
+        targets = [(o, np.arange(p, total, count, dtype=np.int64)) for p, o in enumerate(self.owners)]
+        targets += [(peer, np.arange(total, dtype=np.int64)) for peer in self.peers]
+        for owner, index in targets:
             if not index.size:
                 continue
             if owner == self.node.node_id and self.local is not None:
@@ -171,7 +180,7 @@ class Worker:
             self._add(key, int(group[3]), sub["index"].astype(np.int64), values, sub["mask"], sub["cls"])
 
     def _resend(self, key: Key, owner: int, indices: np.ndarray, protected_only: bool) -> None:
-        job = self.jobs.get(key)
+        job = self.jobs.get(key) or self.sent.get(key)
         if job is None:
             return
         indices = indices[indices < len(job.rows)]
@@ -217,6 +226,11 @@ class Worker:
         if job.first_result is not None:
             self.bursts.setdefault(job.key[1:], self.deadline.make()).record(now - job.first_result)
         self.stats["complete" if asm.complete else "pull_bounded"] += 1
+        if self.peers:  # a peer may not have all of this job's packets yet
+            job.assembly = None
+            self.sent[job.key] = job
+            while next(iter(self.sent))[0] + self.history < job.key[0]:
+                self.sent.popitem(last=False)
         job.future.set_result(Result(asm.values, asm.mask, asm.have))
 
     def on_timer(self, now: float) -> float:
@@ -270,6 +284,7 @@ class Worker:
                 )
 
     def fail(self, error: BaseException) -> None:
+        self.sent.clear()
         jobs, self.jobs = self.jobs, {}
         for job in jobs.values():
             if not job.future.done():
