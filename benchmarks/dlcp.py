@@ -68,7 +68,8 @@ sys.path.insert(0, str(HERE))
 BULK_PORTS = "{ 5201, 5202, 5203, 5204 }"  # netem's background flows: left unmarked (best effort)
 PS_PORT = 7700
 ANCHORS = ["ddp_fp32", "ddp_powersgd", "dtune_best"]
-DLCP_MAIN = ["dlcp0", "dlcp1", "dlcp5", "dlcp10", "dlcp5_comp", "dlcp_direct_comp"]
+CARRYING = ["dlcp5_comp", "dlcp_direct_comp"]  # DLCP carrying the best compressor's payloads
+DLCP_MAIN = ["dlcp0", "dlcp1", "dlcp5", "dlcp10", *CARRYING]
 ABLATIONS = ["dlcp5_bound_only", "dlcp5_spray2", "dlcp5_back_first", "dlcp5_comp_1copy"]
 CONDITIONS = ["pressure", "pressure_switch", "loss2", "microburst", "incast"]
 
@@ -79,19 +80,10 @@ def plan(condition: str, quick: bool) -> tuple[list[str], bool]:
         methods = ANCHORS + DLCP_MAIN + ABLATIONS
         return (["ddp_fp32", "ddp_powersgd", "dlcp0", "dlcp5", "dlcp5_spray2"] if quick else methods), True
     if condition == "pressure_switch":  # the "+ priority" ablation: the same pressure, a priority switch
-        methods = ["ddp_fp32", "ddp_powersgd", "dtune_best", "dlcp5_bound_only", "dlcp5", "dlcp5_comp"]
-        return [*methods, "dlcp_direct_comp"], False
+        return [*ANCHORS, "dlcp5_bound_only", "dlcp5", *CARRYING], False
     if condition == "incast":
         return ["ddp_fp32", "ddp_powersgd", "dlcp5", "dlcp_ps0", "dlcp_ps5"], False
-    return [
-        "ddp_fp32",
-        "ddp_powersgd",
-        "dtune_best",
-        "dlcp0",
-        "dlcp5",
-        "dlcp5_comp",
-        "dlcp_direct_comp",
-    ], False
+    return [*ANCHORS, "dlcp0", "dlcp5", *CARRYING], False
 
 
 # -- the worker side (runs inside a namespace) ------------------------------------------------
@@ -604,7 +596,7 @@ def checks(table: dict[str, Any]) -> list[tuple[str, str, bool | None]]:
     out: list[tuple[str, str, bool | None]] = []
     rows = table.get("pressure", {}).get("methods", {})
     anchors = {m: rows[m] for m in ANCHORS if m in rows}
-    dlcps = {m: rows[m] for m in ("dlcp1", "dlcp5", "dlcp10", "dlcp5_comp", "dlcp_direct_comp") if m in rows}
+    dlcps = {m: rows[m] for m in DLCP_MAIN if m != "dlcp0" and m in rows}  # bound 0 is not DLCP's claim
     if not anchors or not dlcps:
         return out
     best_anchor = min(anchors, key=lambda m: anchors[m]["p99_ms"])

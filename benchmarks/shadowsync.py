@@ -59,13 +59,12 @@ def arms(quick: bool) -> list[dict[str, Any]]:
     for alg in ("ma", "easgd", "bmuf"):
         out += [{"name": f"FG {alg.upper()} k={k}", "kind": "fg", "alg": alg, "k": k} for k in periods]
     for alg in ("ma", "easgd", "bmuf"):
-        out.append({"name": f"S-{alg.upper()}", "kind": "shadow", "alg": alg, "apply": "delta", "duty": 1.0})
-    out.append({"name": "S-MA overwrite", "kind": "shadow", "alg": "ma", "apply": "overwrite", "duty": 1.0})
+        out.append({"name": f"S-{alg.upper()}", "kind": "shadow", "alg": alg, "apply": "delta"})
+    out.append({"name": "S-MA overwrite", "kind": "shadow", "alg": "ma", "apply": "overwrite"})
     for budget in MAX_SLOWDOWNS:
         for alg in ("ma", "easgd", "bmuf"):
             name = f"S-{alg.upper()} max slowdown {budget:.0%}"
-            arm = {"name": name, "kind": "shadow", "alg": alg, "apply": "delta", "duty": 1.0}
-            out.append({**arm, "max_slowdown": budget})
+            out.append({"name": name, "kind": "shadow", "alg": alg, "apply": "delta", "max_slowdown": budget})
     out.append({"name": "all-reduce", "kind": "fg", "alg": "allreduce", "k": 1})
     return out
 
@@ -80,8 +79,6 @@ def _strategy(arm: dict[str, Any]) -> Any:
         return ShadowSync(
             algorithm=algorithm,
             apply=Apply(arm["apply"]),
-            duty_cycle=arm["duty"],
-            nice=arm.get("nice", 0),
             max_slowdown=arm.get("max_slowdown"),
             **SERVERS,
         )

@@ -261,7 +261,8 @@ class Aggregator:
         self._forget(key)
         values, mask = red.result(dtype)
         owned_classes = np.where(red.classes == 255, 1, red.classes).astype(np.uint8)
-        # kept a while: to answer requests, and so that late duplicates start nothing new
+        # kept a while: to answer requests (direct mode sent nothing: no rows to answer with),
+        # and so that late duplicates start nothing new
         self.results[key] = (
             self._share(key, red, values, mask, owned_classes)
             if not self.direct
@@ -314,7 +315,7 @@ class Aggregator:
         if found is None:
             return
         rows, sent_at = found
-        if not len(rows) or time.monotonic() - sent_at < self.deadline.floor_s:
+        if time.monotonic() - sent_at < self.deadline.floor_s:
             return  # just sent: the request crossed the packets on their way
         wanted = np.isin(self.node.packetizer.headers(rows)["index"], indices)
         self.stats["agg_resent"] += int(wanted.sum())
