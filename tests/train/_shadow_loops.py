@@ -363,3 +363,47 @@ def shutdown(config: dict[str, Any]) -> Any:
             os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(HANG_GUARD_S)  # rank 0 waits here to be stopped with the group
     return "unreachable"
+
+
+PBT_STEPS_PER_EPOCH = 5
+
+
+def pbt_trial(config: dict[str, Any]) -> None:
+    """A 2-worker S-BMUF trial for PBT: its checkpoint holds the model and the strategy's state.
+
+    Reports the strategy's step counter, which only a restored strategy state carries over: a
+    copy that PBT starts from a donor's checkpoint must go on counting from the donor's steps.
+    """
+    import dtune
+
+    strategy = ShadowSync(algorithm=SyncAlgorithm.BMUF)
+    model = _toy_model()
+    model, optimizer = train.prepare(
+        model, torch.optim.SGD(model.parameters(), lr=config["lr"]), strategy=strategy
+    )
+    start = 0
+    checkpoint = dtune.get_checkpoint()
+    if checkpoint is not None:
+        state = checkpoint.to_dict()
+        with strategy.quiesced():
+            train.unwrap(model).load_state_dict(state["model"])
+            strategy.load_state_dict(state["strategy"])
+        start = state["epoch"]
+    held_out = torch.Generator().manual_seed(12345)
+    x_test = torch.randn(256, 4, generator=held_out)
+    for epoch in range(start, config["epochs"]):
+        for step in range(PBT_STEPS_PER_EPOCH):
+            _toy_step(model, optimizer, epoch * PBT_STEPS_PER_EPOCH + step)
+        with strategy.quiesced():  # the model and the strategy's state of one moment
+            state = {
+                "model": train.unwrap(model).state_dict(),
+                "strategy": strategy.state_dict(),
+                "epoch": epoch + 1,
+            }
+        with torch.no_grad():
+            loss = nn.functional.mse_loss(model(x_test), x_test.sum(1, keepdim=True) * 1.5).item()
+        main = train.context().is_main
+        dtune.report(
+            {"loss": loss, "strategy_steps": state["strategy"]["steps"], "syncs": strategy.stats().syncs},
+            checkpoint=dtune.Checkpoint.from_dict(state) if main else None,
+        )

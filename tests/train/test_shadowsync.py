@@ -362,3 +362,27 @@ def test_sparse_modules_must_exist():
     strategy = ShadowSync(algorithm=SyncAlgorithm.MA, sparse_modules=["tables"])
     with pytest.raises(ValueError, match=r"names \['tables'\]"):
         train.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1), strategy=strategy)
+
+
+def test_pbt_copies_shadowsync_trials_with_their_strategy_state(tmp_path):
+    import dtune
+    from dtune.tune.trial import TrialStatus
+
+    lrs = [0.001, 0.003, 0.01, 0.03]
+    results = dtune.run(
+        L.pbt_trial,
+        param_space={"lr": dtune.grid(lrs), "epochs": 6},
+        metric="loss", mode="min", storage=str(tmp_path / "exp"), seed=0, verbose=0,
+        resources=dtune.Resources(workers=2, cpus=0.5),  # two trials at a time, so there are donors
+        scheduler=dtune.schedulers.PBT(2, {"lr": lrs}, quantile_fraction=0.5, seed=0),
+    )  # fmt: skip
+    assert all(t.status is TrialStatus.TERMINATED for t in results)
+    assert all(t.metrics_history[-1]["syncs"] > 0 for t in results)  # the shadow threads synced
+    copied = [t for t in results if t.lineage]
+    went_on = [  # copies that reported after a copy: their iterations jump or repeat there
+        t for t in copied if [r["training_iteration"] for r in t.metrics_history] != list(range(1, 7))
+    ]
+    assert went_on, "no trial was copied and then trained on"
+    for trial in results:  # a copy counts on from its donor's steps: the strategy's state came along
+        for report in trial.metrics_history:
+            assert report["strategy_steps"] == report["training_iteration"] * L.PBT_STEPS_PER_EPOCH
