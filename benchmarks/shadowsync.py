@@ -8,9 +8,10 @@ arm trains on the same examples (each trainer on its half) from the same initial
 
 Arms: no dense sync (the throughput bound), foreground MA / EASGD / BMUF every k in {1, 10, 100}
 steps, their shadow versions (delta apply; MA also with overwrite; paced to a slowdown budget
-of 5% and of 2% (``max_slowdown``: the thread measures training's step rate while it syncs and
-while it rests, and syncs as much as the budget allows; 2% leaves room for what it cannot
-measure, the cost of the other processes' syncs on shared cores), and synchronous gradient
+of 2% (``max_slowdown``: the thread measures training's step rate while it syncs and while it
+rests, and syncs as much as the budget allows; 2% leaves room for what it cannot measure, the
+cost of the other processes' syncs on shared cores; ``--max-slowdowns 0.05 0.02`` adds a 5%
+budget), and synchronous gradient
 all-reduce. (Earlier runs also paced to a fixed duty cycle of 0.05 and niced the shadow thread;
 both options remain, ``--arms`` does not offer them.)
 
@@ -23,7 +24,7 @@ paired ratios, mean for quality): examples/s per trainer and in total, the paire
 no-sync, syncs/s and the mean gap in steps between two syncs, NE and AUC of the trainers'
 replicas on held-out data (mean of the two), and the replicas' relative divergence.
 
-    python benchmarks/shadowsync.py            # full matrix, ~40 minutes on 2 cores
+    python benchmarks/shadowsync.py            # full matrix, ~35 minutes on 2 cores
     python benchmarks/shadowsync.py --quick    # smoke run: 1 seed, 2 links, fewer arms
     python benchmarks/shadowsync.py --arms "S-MA" "S-MA max slowdown 2%" --seeds 0 1 --tag pacer
 
