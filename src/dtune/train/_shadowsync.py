@@ -27,7 +27,8 @@ Design:
   round in flight, hold the thread while they read or write, then let it go on from the
   restored state. They cover step and sync counters, BMUF's global model and block momentum,
   EASGD's centre and the embedding tables (fetched from / pushed to the servers), and are called
-  from the training thread (they share its line to the servers).
+  from the training thread (they share its line to the servers). To save the model and the
+  strategy of one moment (PBT, resume), read both inside one ``with strategy.quiesced():``.
 """
 
 from __future__ import annotations
