@@ -280,6 +280,7 @@ def summarise(condition: dict[str, Any], arm_names: list[str]) -> list[dict[str,
             return statistics.mean(statistics.mean(t[key] for t in r["trainers"]) for r in runs)
 
         gaps = [t["gap_steps"] for r in runs for t in r["trainers"] if t["gap_steps"] is not None]
+        per_seed = [shares[(name, r["seed"])] for r in runs if (name, r["seed"]) in shares]
         rows.append({
             "arm": name,
             "per_trainer": med("examples_per_s"),
@@ -294,10 +295,9 @@ def summarise(condition: dict[str, Any], arm_names: list[str]) -> list[dict[str,
             "cpu_ms_per_1k": med("cpu_ms_per_1k"),
             "duty_cycle": statistics.median(t.get("duty_cycle", 1.0) for r in runs for t in r["trainers"]),
             "runs": len(runs),
+            "of_no_sync_per_seed": per_seed,
+            "of_no_sync": statistics.median(per_seed) if per_seed else 1.0,  # 1.0: the bound itself
         })  # fmt: skip
-        per_seed = [shares[(name, r["seed"])] for r in runs if (name, r["seed"]) in shares]
-        rows[-1]["of_no_sync_per_seed"] = per_seed
-        rows[-1]["of_no_sync"] = statistics.median(per_seed) if per_seed else 1.0  # 1.0: the bound itself
     return rows
 
 

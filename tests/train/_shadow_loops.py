@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import dtune
 from dtune import train
 from dtune.models import DLRM
 from dtune.runtime import distributed
@@ -374,8 +375,6 @@ def pbt_trial(config: dict[str, Any]) -> None:
     Reports the strategy's step counter, which only a restored strategy state carries over: a
     copy that PBT starts from a donor's checkpoint must go on counting from the donor's steps.
     """
-    import dtune
-
     strategy = ShadowSync(algorithm=SyncAlgorithm.BMUF)
     model = _toy_model()
     model, optimizer = train.prepare(

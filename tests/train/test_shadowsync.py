@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import dtune
 from dtune import train
 from dtune.models import DLRM
 from dtune.train._pacing import SlowdownPacer, pause_after
@@ -23,6 +24,7 @@ from dtune.train._sync_algorithms import (
     easgd_centre_update,
     easgd_replica_update,
 )
+from dtune.tune.trial import TrialStatus
 from tests.train import _shadow_loops as L
 
 X0, X1 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])  # the hand-made two replicas
@@ -365,9 +367,6 @@ def test_sparse_modules_must_exist():
 
 
 def test_pbt_copies_shadowsync_trials_with_their_strategy_state(tmp_path):
-    import dtune
-    from dtune.tune.trial import TrialStatus
-
     lrs = [0.001, 0.003, 0.01, 0.03]
     results = dtune.run(
         L.pbt_trial,

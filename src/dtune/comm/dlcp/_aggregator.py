@@ -32,9 +32,15 @@ from dtune.comm.dlcp._node import Node
 from dtune.comm.dlcp._packet import FIELDS, HEADER_BYTES, Flag, Kind, Packetizer, torch_dtype
 from dtune.comm.dlcp._reduction import Outcome, Reduction
 
-__all__ = ["Aggregator", "DeadlineConfig", "Key"]
+__all__ = ["Aggregator", "DeadlineConfig", "Key", "forget_older"]
 
 Key = tuple[int, int, int]  # (step, bucket, round)
+
+
+def forget_older(kept: collections.OrderedDict[Key, Any], newest_step: int, history: int) -> None:
+    """Drop entries of ``kept`` (oldest first) from more than ``history`` steps before ``newest_step``."""
+    while kept and next(iter(kept))[0] + history < newest_step:
+        kept.popitem(last=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,16 +267,13 @@ class Aggregator:
         self._forget(key)
         values, mask = red.result(dtype)
         owned_classes = np.where(red.classes == 255, 1, red.classes).astype(np.uint8)
-        # kept a while: to answer requests (direct mode sent nothing: no rows to answer with),
-        # and so that late duplicates start nothing new
-        self.results[key] = (
-            self._share(key, red, values, mask, owned_classes)
-            if not self.direct
-            else np.zeros((0, self.node.packetizer.row_bytes), np.uint8),
-            time.monotonic(),
-        )
-        while self.results and next(iter(self.results))[0] + self.history < self.newest_step:
-            self.results.popitem(last=False)
+        if self.direct:  # nothing sent, so no rows to answer requests with
+            rows = np.zeros((0, self.node.packetizer.row_bytes), np.uint8)
+        else:
+            rows = self._share(key, red, values, mask, owned_classes)
+        # kept a while: to answer requests, and so that late duplicates start nothing new
+        self.results[key] = (rows, time.monotonic())
+        forget_older(self.results, self.newest_step, self.history)
         if self.local is not None:
             self.local(key, red.owned, values, mask, owned_classes)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtune.comm.dlcp._aggregator import Aggregator, DeadlineConfig, Key, send_nacks
+from dtune.comm.dlcp._aggregator import Aggregator, DeadlineConfig, Key, forget_older, send_nacks
 from dtune.comm.dlcp._deadline import AdaptiveDeadline
 from dtune.comm.dlcp._node import Node
 from dtune.comm.dlcp._packet import FIELDS, HEADER_BYTES, Flag, Kind, Packetizer, dtype_code, torch_dtype
@@ -229,8 +229,7 @@ class Worker:
         if self.peers:  # a peer may not have all of this job's packets yet
             job.assembly = None
             self.sent[job.key] = job
-            while next(iter(self.sent))[0] + self.history < job.key[0]:
-                self.sent.popitem(last=False)
+            forget_older(self.sent, job.key[0], self.history)
         job.future.set_result(Result(asm.values, asm.mask, asm.have))
 
     def on_timer(self, now: float) -> float:
